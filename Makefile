@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   - install into .venv, then run the detector on an embedded image and prompt
+#   make test   - install into .venv, then run the test suite
+# Every target is idempotent: a second run reuses .venv and only installs what is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint benchmark
+
+$(STAMP): requirements.txt setup.py scripts/install_detectron2.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	bash scripts/install_detectron2.sh $(PY)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py --config-file configs/quickstart/demo.yaml --builtin-image astronaut \
+		--prompt "person. rocket. flag" --output output/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+benchmark: $(STAMP)
+	$(PY) tools/benchmark.py --config-file configs/glipv2_T.yaml

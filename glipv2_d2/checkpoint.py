@@ -1,0 +1,151 @@
+"""Official GLIP / GLIPv2 checkpoints (maskrcnn_benchmark layout) -> this model's state dict.
+
+The mapping is explicit and strict: every official key is either renamed onto one of our
+parameters, or belongs to a short list of entries that have no parameter here for a stated reason
+(and are then checked, not silently dropped). Anything else — or any parameter of ours left without
+a value — is an error that lists the offending keys.
+"""
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+OFFICIAL_PREFIX_RULES: tuple[tuple[str, str], ...] = (
+    (r"^backbone\.body\.", "backbone.bottom_up."),
+    (r"^backbone\.fpn\.fpn_inner(\d+)\.", "backbone.fpn_lateral{+1}."),
+    (r"^backbone\.fpn\.fpn_layer(\d+)\.", "backbone.fpn_output{+1}."),
+    (r"^backbone\.fpn\.top_blocks\.", "backbone.top_block."),
+    (r"^language_backbone\.body\.model\.", "language_backbone.model."),
+    (r"^rpn\.head\.dyhead_tower\.(\d+)\.", "fusion.layers.{tower}."),
+    (r"^rpn\.head\.mlm_head\.", "mlm_head."),
+    (r"^rpn\.head\.", "head."),
+    (r"^rpn\.loss_evaluator\.", "inter_image_loss."),
+    (r"^roi_heads\.mask\.", "mask_head."),
+)
+
+# Sub-modules of one official VL-DyHead layer, in tower order (index modulo 3).
+TOWER_PARTS = ("b_attn.", "text_layer.", "dyconv.")
+
+# Official entries with no parameter in this model; each is verified or documented, never loaded.
+IGNORED_OFFICIAL_KEYS: dict[str, str] = {
+    r"^rpn\.head\.cls_logits\.(weight|bias)$": "legacy closed-set classifier, frozen and unused by GLIP's "
+    "dot-product head",
+    r"^rpn\.anchor_generator\.cell_anchors\.\d+$": "anchors are recomputed; verify_cell_anchors() "
+    "checks them against the checkpoint",
+    r"^language_backbone\.body\.model\.embeddings\.position_ids$": "constant arange buffer that newer "
+    "transformers no longer saves",
+}
+
+
+def official_to_model_key(key: str) -> str | None:
+    """Our parameter name for an official key, or None when no rule applies."""
+    for pattern, target in OFFICIAL_PREFIX_RULES:
+        match = re.match(pattern, key)
+        if match is None:
+            continue
+        rest = key[match.end():]
+        if "{+1}" in target:
+            return target.replace("{+1}", str(int(match.group(1)) + 1)) + rest
+        if "{tower}" in target:
+            index = int(match.group(1))
+            return target.replace("{tower}", str(index // 3)) + TOWER_PARTS[index % 3] + rest
+        return target + rest
+    return None
+
+
+def is_ignored_official_key(key: str) -> bool:
+    return any(re.match(pattern, key) for pattern in IGNORED_OFFICIAL_KEYS)
+
+
+class CheckpointMismatchError(ValueError):
+    """Raised when an official checkpoint and this model do not correspond key for key."""
+
+
+def _strip_data_parallel(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def load_official_state_dict(path: str | Path, use_ema: bool = False,
+                             trusted_pickle: bool = False) -> dict[str, Tensor]:
+    """Read an official checkpoint file ({"model": ...} with "module." keys, or a bare state dict).
+
+    `weights_only` loading is used unless the caller trusts the file (`trusted_pickle`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=not trusted_pickle)
+    except Exception as error:
+        raise CheckpointMismatchError(
+            f"cannot read checkpoint {path} ({type(error).__name__}: {error}); a truncated download or a "
+            "legacy pickle (then pass trusted_pickle=True / --trusted-pickle if you trust its source)"
+        ) from error
+    if not isinstance(data, Mapping):
+        raise CheckpointMismatchError(f"{path} holds a {type(data).__name__}, not a state dict")
+    section = "model_ema" if use_ema else "model"
+    if use_ema and section not in data:
+        raise CheckpointMismatchError(f"{path} has no 'model_ema' entry (keys: {sorted(data)[:10]})")
+    state_dict = data.get(section, data)
+    return _strip_data_parallel(state_dict)
+
+
+def convert_official_state_dict(official: Mapping[str, Tensor],
+                                model_state: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Rename an official state dict; with `model_state` (our model's), enforce a one-to-one match.
+
+    Raises CheckpointMismatchError listing unmatched keys on either side and shape mismatches.
+    """
+    converted: dict[str, Tensor] = {}
+    unmapped: list[str] = []
+    for key, value in official.items():
+        if is_ignored_official_key(key):
+            continue
+        target = official_to_model_key(key)
+        if target is None:
+            unmapped.append(key)
+        else:
+            converted[target] = value
+    problems: list[str] = []
+    if unmapped:
+        problems.append(f"official keys with no mapping ({len(unmapped)}): {unmapped[:20]}")
+    if model_state is not None:
+        extra = sorted(set(converted) - set(model_state))
+        missing = sorted(set(model_state) - set(converted))
+        if extra:
+            problems.append(f"official keys without a parameter in this model ({len(extra)}): {extra[:20]}")
+        if missing:
+            problems.append(f"model parameters absent from the checkpoint ({len(missing)}): {missing[:20]}")
+        shapes = [
+            f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(model_state[k].shape)}"
+            for k in sorted(set(converted) & set(model_state))
+            if converted[k].shape != model_state[k].shape
+        ]
+        if shapes:
+            problems.append(f"shape mismatches ({len(shapes)}): {shapes[:20]}")
+    if problems:
+        raise CheckpointMismatchError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    return converted
+
+
+def verify_cell_anchors(official: Mapping[str, Tensor], model_cell_anchors: list[Tensor]) -> None:
+    """Check the checkpoint's stored anchors equal the ones this model computes from its config."""
+    stored = sorted(
+        (int(k.rsplit(".", 1)[1]), v) for k, v in official.items()
+        if re.match(r"^rpn\.anchor_generator\.cell_anchors\.\d+$", k)
+    )
+    if not stored:
+        return
+    if len(stored) != len(model_cell_anchors):
+        raise CheckpointMismatchError(
+            f"checkpoint has {len(stored)} anchor levels, the config builds {len(model_cell_anchors)}"
+        )
+    for level, anchors in stored:
+        if not torch.allclose(anchors.float(), model_cell_anchors[level].float().cpu()):
+            raise CheckpointMismatchError(
+                f"anchor level {level} differs: checkpoint {anchors.tolist()} vs config "
+                f"{model_cell_anchors[level].tolist()} (check MODEL.ATSS.ANCHOR_SIZES / ANCHOR_STRIDES)"
+            )

@@ -1,0 +1,86 @@
+"""Config keys of glipv2-d2, added on top of Detectron2's defaults.
+
+Defaults describe GLIP-T / GLIPv2-T (Swin-T, bert-base-uncased, six VL-DyHead layers) so that a
+config file only states what differs from the paper's tiny model.
+"""
+
+import math
+
+from detectron2.config import CfgNode as CN
+
+
+def add_glipv2_config(cfg: CN) -> CN:
+    """Add every GLIPv2 key, with its default, to a Detectron2 config (in place; also returned)."""
+    cfg.MODEL.META_ARCHITECTURE = "GLIPv2"
+    cfg.MODEL.BACKBONE.NAME = "build_swin_fpn_p6p7_backbone"
+    # Official GLIP normalisation: BGR 0..255 images with these per-channel statistics.
+    cfg.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
+    cfg.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]
+    cfg.INPUT.FORMAT = "BGR"
+    cfg.INPUT.MIN_SIZE_TEST = 800
+    cfg.INPUT.MAX_SIZE_TEST = 1333
+    # Resize with maskrcnn_benchmark's size rule (int truncation, rounded max-size clamp) so that
+    # images reach the network at exactly the official sizes; False uses Detectron2's rule.
+    cfg.INPUT.LEGACY_RESIZE = True
+
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.PATCH_SIZE = 4  # side of the non-overlapping patch embedding
+    cfg.MODEL.SWIN.EMBED_DIM = 96  # channels of stage 1 (doubled at every later stage)
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]  # Swin blocks per stage
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]  # attention heads per stage
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7  # side of the attention window
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0  # MLP hidden width / block width
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2  # stochastic depth at the last block (linear ramp)
+    cfg.MODEL.SWIN.APE = False  # absolute position embedding (off in GLIP)
+    cfg.MODEL.SWIN.OUT_FEATURES = ["p1", "p2", "p3"]  # Swin stages fed to the FPN (strides 8, 16, 32)
+    cfg.MODEL.SWIN.FROZEN_STAGES = -1  # freeze patch embedding + this many stages (-1: none)
+    cfg.MODEL.SWIN.USE_CHECKPOINT = False  # gradient checkpointing inside Swin blocks
+    cfg.MODEL.FPN.IN_FEATURES = ["p1", "p2", "p3"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 256
+
+    cfg.MODEL.LANGUAGE_BACKBONE = CN()
+    cfg.MODEL.LANGUAGE_BACKBONE.NAME = "bert"  # key in LANGUAGE_BACKBONE_REGISTRY
+    # A local Hugging Face folder, or "bert-base-uncased" (its architecture; weights come from a
+    # GLIP checkpoint unless LOAD_PRETRAINED finds them locally).
+    cfg.MODEL.LANGUAGE_BACKBONE.MODEL_PATH = "bert-base-uncased"
+    cfg.MODEL.LANGUAGE_BACKBONE.LOAD_PRETRAINED = False  # load MODEL_PATH's weights (else random init)
+    cfg.MODEL.LANGUAGE_BACKBONE.NUM_HIDDEN_LAYERS = 0  # override the text encoder depth (0: keep)
+    cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER = "bert-base-uncased"  # local folder or name of the vocab
+    cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN = 256  # token limit of one prompt
+    cfg.MODEL.LANGUAGE_BACKBONE.NUM_LAST_LAYERS = 1  # hidden layers averaged into the text features
+    # Pad every prompt to MAX_QUERY_LEN as the official code does; False pads to the batch's
+    # longest prompt, which tests/test_meta_arch.py shows gives the same detections.
+    cfg.MODEL.LANGUAGE_BACKBONE.PAD_MAX = False
+    cfg.MODEL.LANGUAGE_BACKBONE.FREEZE = False  # keep the text encoder fixed in training
+
+    cfg.MODEL.DYHEAD = CN()
+    cfg.MODEL.DYHEAD.NUM_LAYERS = 6  # VL-DyHead layers (official NUM_CONVS)
+    cfg.MODEL.DYHEAD.CHANNELS = 256  # width of the fused image features
+    cfg.MODEL.DYHEAD.USE_GN = True  # GroupNorm(16) after each DyConv branch
+    cfg.MODEL.DYHEAD.USE_DYRELU = True  # dynamic ReLU after scale attention
+    cfg.MODEL.DYHEAD.USE_DEFORM = True  # modulated deformable 3x3 convs (else plain convs)
+    cfg.MODEL.DYHEAD.PRIOR_PROB = 0.01  # initial foreground probability of a region-word logit
+    cfg.MODEL.DYHEAD.LOG_SCALE_INIT = 0.0  # initial log temperature of the region-word logits
+    cfg.MODEL.DYHEAD.USE_CHECKPOINT = False  # gradient checkpointing of every fusion layer
+    cfg.MODEL.DYHEAD.FUSION = CN()
+    cfg.MODEL.DYHEAD.FUSION.EMBED_DIM = 2048  # width of the bidirectional attention
+    cfg.MODEL.DYHEAD.FUSION.NUM_HEADS = 8  # heads of the bidirectional attention
+    cfg.MODEL.DYHEAD.FUSION.DROPOUT = 0.1  # attention dropout (training only)
+    cfg.MODEL.DYHEAD.FUSION.DROP_PATH = 0.0  # stochastic depth of the fusion residuals
+    cfg.MODEL.DYHEAD.FUSION.LAYER_SCALE_INIT = 0.0  # initial residual gamma (0: 1 / NUM_LAYERS)
+
+    cfg.MODEL.ATSS = CN()
+    cfg.MODEL.ATSS.ANCHOR_SIZES = [64, 128, 256, 512, 1024]  # anchor side per level
+    cfg.MODEL.ATSS.ANCHOR_STRIDES = [8, 16, 32, 64, 128]  # stride of P3..P7
+    cfg.MODEL.ATSS.ASPECT_RATIOS = [1.0]  # anchor aspect ratios (one anchor per location)
+    cfg.MODEL.ATSS.SCALES_PER_OCTAVE = 1  # anchor scales per octave
+    cfg.MODEL.ATSS.TOPK = 9  # ATSS candidates per level and ground-truth box (training)
+    cfg.MODEL.ATSS.BBOX_REG_WEIGHTS = [10.0, 10.0, 5.0, 5.0]  # legacy box coder weights
+    cfg.MODEL.ATSS.BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # upper clamp of decoded dw, dh
+    cfg.MODEL.ATSS.INFERENCE_TH = 0.05  # keep (anchor, label) pairs scoring above this
+    cfg.MODEL.ATSS.PRE_NMS_TOP_N = 1000  # candidates kept per level before NMS
+    cfg.MODEL.ATSS.NMS_TH = 0.6  # class-wise NMS IoU threshold
+    cfg.MODEL.ATSS.DETECTIONS_PER_IMG = 100  # detections kept per image (ties at the cut kept)
+
+    cfg.TEST.PROMPT_CHUNK_SIZE = 0  # categories per prompt at evaluation (0: as many as fit)
+    return cfg

@@ -1,0 +1,25 @@
+"""Installable package for glipv2-d2 (GLIPv2 as a Detectron2 project)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="glipv2-d2",
+    version="0.1.0",
+    description="GLIPv2 grounded vision-language model as a Detectron2 extension",
+    python_requires=">=3.10",
+    packages=find_packages(include=["glipv2_d2", "glipv2_d2.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "transformers>=4.40",
+        "timm>=0.9",
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "lvis",
+        "yacs",
+        "opencv-python-headless",
+        "Pillow",
+        "safetensors",
+    ],
+)
