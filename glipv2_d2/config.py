@@ -39,7 +39,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.FPN.OUT_CHANNELS = 256
 
     cfg.MODEL.LANGUAGE_BACKBONE = CN()
-    cfg.MODEL.LANGUAGE_BACKBONE.NAME = "bert"  # key in LANGUAGE_BACKBONE_REGISTRY
+    cfg.MODEL.LANGUAGE_BACKBONE.NAME = "build_bert_language_backbone"  # LANGUAGE_BACKBONE_REGISTRY key
     # A local Hugging Face folder, or "bert-base-uncased" (its architecture; weights come from a
     # GLIP checkpoint unless LOAD_PRETRAINED finds them locally).
     cfg.MODEL.LANGUAGE_BACKBONE.MODEL_PATH = "bert-base-uncased"

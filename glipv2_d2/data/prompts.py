@@ -1,0 +1,378 @@
+"""Prompts and the maps between their characters, tokens and labels.
+
+Conventions, following the official GLIP code (maskrcnn_benchmark at 9dda955):
+
+* Detection prompts are cleaned category names joined by ". " with no trailing separator
+  (``engine/inference.py: create_queries_and_maps`` with the GLIP configs' SEPARATION_TOKENS).
+  Cleaning is the official ``clean_name`` (drop "(...)", "_" -> " ", collapse double spaces) with
+  all whitespace runs collapsed and the ends trimmed. That changes no token (BERT never emits
+  whitespace tokens), so the token ids equal the official prompt's, while spans no longer end in a
+  space (official "bait_(lure)" -> "bait " -> span with a trailing blank).
+* Spans are character ranges ``[start, end)`` (MDETR ``tokens_positive`` convention).
+* A span covers the tokens from the one holding its first character to the one holding its last,
+  inclusive (official ``char_to_token(start)`` .. ``char_to_token(end - 1)``). Here this is computed
+  from the tokenizer's offset mapping: the tokens overlapping the span. Where the official code
+  retries ``start + 1``, ``start + 2`` for spans that begin on whitespace and silently drops spans it
+  still cannot place, this module places them from the overlap, and raises an error naming the
+  label and phrase when a span has no token at all (empty name, truncated away).
+* Positive maps: the official dataset builds rows normalised to sum 1 (``positive_map / (sum +
+  1e-6)``), but its batch collator turns them into 0/1 (``bool().float()``) before the model sees
+  them, so the ATSS token targets and the focal loss use BINARY rows; inference uses only the token
+  index lists (scores are averaged over a category's tokens). ``token_map_to_positive_map``
+  therefore returns binary rows by default; ``normalize=True`` gives the official normalised form.
+* Free-form captions: the official demo finds noun phrases with NLTK, whose tagger data cannot be
+  fetched offline. ``locate_phrases`` deliberately does no linguistic parsing: the caller names the
+  phrases (located in the caption) or gives their spans; with neither, the whole caption is one
+  phrase.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+__all__ = [
+    "DEFAULT_SEPARATOR",
+    "build_detection_prompt",
+    "build_labeled_prompt",
+    "chunk_categories",
+    "clean_category_name",
+    "detection_query",
+    "locate_phrases",
+    "positive_map_to_token_map",
+    "spans_to_token_map",
+    "token_map_to_positive_map",
+    "token_map_to_token_labels",
+    "tokenize_prompts",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEPARATOR = ". "
+
+Span = tuple[int, int]
+Label = Hashable
+
+
+def clean_category_name(name: str) -> str:
+    """Official GLIP name cleaning with whitespace normalised; e.g. "bait_(lure)" -> "bait"."""
+    name = re.sub(r"\(.*\)", "", name)
+    return " ".join(name.replace("_", " ").split())
+
+
+def _label_items(names: Sequence[str] | Mapping[Label, str]) -> list[tuple[Label, str]]:
+    if isinstance(names, Mapping):
+        return list(names.items())
+    if isinstance(names, str):
+        raise TypeError(f"expected a list of category names, got the string {names!r}")
+    return list(enumerate(names))
+
+
+def build_detection_prompt(
+    names: Sequence[str], separator: str = DEFAULT_SEPARATOR, clean: bool = True
+) -> tuple[str, list[Span]]:
+    """Join category names into one prompt; returns (caption, [start, end) span of each name)."""
+    if isinstance(names, str):
+        raise TypeError(f"build_detection_prompt expects a list of names, got the string {names!r}")
+    if len(names) == 0:
+        raise ValueError("build_detection_prompt: the list of category names is empty")
+    parts: list[str] = []
+    spans: list[Span] = []
+    position = 0
+    for i, raw in enumerate(names):
+        if not isinstance(raw, str):
+            raise TypeError(f"category name #{i} is not a string: {raw!r}")
+        name = clean_category_name(raw) if clean else raw
+        if not name.strip():
+            raise ValueError(f"category name #{i} ({raw!r}) is empty after cleaning; it cannot be prompted")
+        if i:
+            parts.append(separator)
+            position += len(separator)
+        spans.append((position, position + len(name)))
+        parts.append(name)
+        position += len(name)
+    return "".join(parts), spans
+
+
+def build_labeled_prompt(
+    items: Sequence[tuple[Label, str]] | Mapping[Label, str],
+    separator: str = DEFAULT_SEPARATOR,
+    clean: bool = True,
+) -> tuple[str, dict[Label, list[Span]]]:
+    """Prompt for (label, name) pairs, e.g. one chunk of ``chunk_categories``; spans keyed by label."""
+    pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+    labels = [label for label, _ in pairs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"build_labeled_prompt: repeated labels in {labels}")
+    caption, spans = build_detection_prompt([name for _, name in pairs], separator, clean)
+    return caption, {label: [span] for label, span in zip(labels, spans)}
+
+
+def _token_offsets(tokenized: BatchEncoding, batch_index: int) -> torch.Tensor:
+    if "offset_mapping" not in tokenized:
+        raise KeyError("tokenized prompt has no 'offset_mapping'; tokenize with return_offsets_mapping=True")
+    offsets = torch.as_tensor(tokenized["offset_mapping"])
+    if offsets.dim() == 3:
+        offsets = offsets[batch_index]
+    return offsets.reshape(-1, 2)
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    captions: Sequence[str] | str,
+    max_len: int = 256,
+    pad_to_max: bool = False,
+) -> BatchEncoding:
+    """Tokenize a batch of prompts to at most ``max_len`` tokens, with offsets (for span maps).
+
+    Pads to ``max_len`` (the official behaviour) or to the longest prompt. Empty prompts, and prompts
+    with no token besides [CLS]/[SEP], are errors naming the prompt; truncation is logged.
+    """
+    batch = [captions] if isinstance(captions, str) else list(captions)
+    if not batch:
+        raise ValueError("tokenize_prompts: no captions given")
+    for i, caption in enumerate(batch):
+        if not isinstance(caption, str):
+            raise TypeError(f"caption #{i} is not a string: {caption!r}")
+        if not caption.strip():
+            raise ValueError(f"caption #{i} is empty or whitespace: {caption!r}")
+    tokenized = tokenizer(
+        batch,
+        max_length=max_len,
+        truncation=True,
+        padding="max_length" if pad_to_max else "longest",
+        return_offsets_mapping=True,
+        return_tensors="pt",
+    )
+    offsets = torch.as_tensor(tokenized["offset_mapping"])
+    real = offsets[..., 1] > offsets[..., 0]
+    for i, caption in enumerate(batch):
+        if not real[i].any():
+            raise ValueError(f"caption #{i} {caption!r} tokenizes to no token besides [CLS]/[SEP]")
+        kept_end = int(offsets[i, real[i], 1].max())
+        if kept_end < len(caption.rstrip()):
+            logger.warning(
+                "caption #%d truncated to %d tokens: characters %d.. dropped (%r...)",
+                i,
+                max_len,
+                kept_end,
+                caption[kept_end : kept_end + 40],
+            )
+    return tokenized
+
+
+def _check_span(label: Label, span: Sequence[int], caption: str | None) -> Span:
+    if len(span) != 2:
+        raise ValueError(f"label {label!r}: span {span!r} is not a [start, end) pair")
+    start, end = int(span[0]), int(span[1])
+    limit = len(caption) if caption is not None else None
+    if start < 0 or end <= start or (limit is not None and end > limit):
+        where = f" in a caption of {limit} characters" if limit is not None else ""
+        raise ValueError(f"label {label!r}: span [{start}, {end}) is empty or outside the caption{where}")
+    return start, end
+
+
+def spans_to_token_map(
+    tokenized: BatchEncoding,
+    spans_per_label: Mapping[Label, Sequence[Sequence[int]]],
+    max_len: int,
+    *,
+    batch_index: int = 0,
+    caption: str | None = None,
+) -> dict[Label, list[int]]:
+    """Map each label's character spans to the sorted indices of the tokens they cover.
+
+    ``tokenized`` must carry ``offset_mapping`` (``tokenize_prompts`` does); ``batch_index`` picks
+    the prompt in a batch. Passing ``caption`` names the phrase in errors, checks span bounds and
+    ignores trailing blanks of a span (without it, a span ending in blanks after the caption's last
+    token reads as truncated). A span that reaches no token, or is cut by truncation, raises an error
+    naming its label.
+    """
+    offsets = _token_offsets(tokenized, batch_index)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    real = ends > starts
+    kept_end = int(ends[real].max()) if real.any() else 0
+    token_map: dict[Label, list[int]] = {}
+    for label, spans in spans_per_label.items():
+        if isinstance(spans, (str, bytes)) or len(spans) == 0:
+            raise ValueError(f"label {label!r}: expected a list of [start, end) spans, got {spans!r}")
+        indices: set[int] = set()
+        for span in spans:
+            start, end = _check_span(label, span, caption)
+            phrase = f" {caption[start:end]!r}" if caption is not None else ""
+            last = start + len(caption[start:end].rstrip()) if caption is not None else end
+            hit = torch.nonzero(real & (starts < end) & (ends > start)).flatten()
+            if hit.numel() == 0 or last > kept_end:
+                reason = "was truncated away" if last > kept_end else "covers no token"
+                raise ValueError(f"label {label!r}: phrase{phrase} at [{start}, {end}) {reason}")
+            first_tok, last_tok = int(hit.min()), int(hit.max())
+            if last_tok >= max_len:
+                raise ValueError(
+                    f"label {label!r}: phrase{phrase} reaches token {last_tok}, beyond max_len={max_len}"
+                )
+            indices.update(range(first_tok, last_tok + 1))
+        token_map[label] = sorted(indices)
+    return token_map
+
+
+def token_map_to_positive_map(
+    label_to_tokens: Mapping[Label, Sequence[int]],
+    labels_of_boxes: Sequence[Label],
+    max_len: int,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """(N, max_len) float map: row i marks the tokens of box i's label.
+
+    Binary by default (what the official loss sees); ``normalize=True`` divides each row by
+    (its sum + 1e-6) like the official dataset field.
+    """
+    positive_map = torch.zeros((len(labels_of_boxes), max_len), dtype=torch.float32)
+    for row, label in enumerate(labels_of_boxes):
+        if label not in label_to_tokens:
+            raise KeyError(f"box #{row} has label {label!r}, which is absent from the prompt's token map")
+        tokens = list(label_to_tokens[label])
+        if tokens and max(tokens) >= max_len:
+            raise ValueError(f"label {label!r}: token {max(tokens)} beyond max_len={max_len}")
+        positive_map[row, tokens] = 1.0
+    if normalize:
+        positive_map = positive_map / (positive_map.sum(-1, keepdim=True) + 1e-6)
+    return positive_map
+
+
+def positive_map_to_token_map(
+    positive_map: torch.Tensor, labels: Sequence[Label] | None = None
+) -> dict[Label, list[int]]:
+    """Inverse of ``token_map_to_positive_map``: row i -> (labels[i] or i) -> its nonzero tokens."""
+    keys = list(range(len(positive_map))) if labels is None else list(labels)
+    if len(keys) != len(positive_map):
+        raise ValueError(f"{len(keys)} labels for a positive map of {len(positive_map)} rows")
+    return {key: torch.nonzero(row).flatten().tolist() for key, row in zip(keys, positive_map)}
+
+
+def token_map_to_token_labels(label_to_tokens: Mapping[int, Sequence[int]], max_len: int) -> torch.Tensor:
+    """(max_len,) int64 label of every token, -1 where none (official positive_map_for_od_labels)."""
+    token_labels = torch.full((max_len,), -1, dtype=torch.int64)
+    for label, tokens in label_to_tokens.items():
+        token_labels[list(tokens)] = int(label)
+    return token_labels
+
+
+def _prompt_length(tokenizer: PreTrainedTokenizerBase, caption: str) -> int:
+    return len(tokenizer(caption, add_special_tokens=True)["input_ids"])
+
+
+def chunk_categories(
+    names: Sequence[str] | Mapping[Label, str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int = 256,
+    chunk_size: int | None = None,
+    separator: str = DEFAULT_SEPARATOR,
+    clean: bool = True,
+) -> list[list[tuple[Label, str]]]:
+    """Split a vocabulary into prompts that each fit ``max_len`` tokens ([CLS]/[SEP] included).
+
+    ``names`` is a list (labels are the indices) or a {label: name} mapping; order is kept, every
+    category lands in exactly one chunk. ``chunk_size=None`` packs greedily by exact token count;
+    an int gives fixed-size chunks (the paper's LVIS protocol: 40), checked to fit.
+    """
+    items = _label_items(names)
+    if not items:
+        raise ValueError("chunk_categories: the list of category names is empty")
+    for label, name in items:
+        cleaned = clean_category_name(name) if clean else name
+        if not cleaned.strip():
+            raise ValueError(f"category {label!r} ({name!r}) is empty after cleaning; it cannot be prompted")
+
+    def caption_of(chunk: list[tuple[Label, str]]) -> str:
+        return build_detection_prompt([name for _, name in chunk], separator, clean)[0]
+
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    else:
+        chunks = []
+        current: list[tuple[Label, str]] = []
+        for item in items:
+            if current and _prompt_length(tokenizer, caption_of([*current, item])) > max_len:
+                chunks.append(current)
+                current = []
+            current.append(item)
+        chunks.append(current)
+    for i, chunk in enumerate(chunks):
+        length = _prompt_length(tokenizer, caption_of(chunk))
+        if length > max_len:
+            if len(chunk) == 1:
+                label, name = chunk[0]
+                raise ValueError(
+                    f"category {label!r} ({name!r}) alone needs {length} tokens > max_len={max_len}"
+                )
+            raise ValueError(
+                f"prompt chunk #{i} ({chunk[0][1]!r} .. {chunk[-1][1]!r}, {len(chunk)} names) needs "
+                f"{length} tokens > max_len={max_len}; use a smaller chunk_size or chunk_size=None"
+            )
+    return chunks
+
+
+def detection_query(
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[tuple[Label, str]] | Mapping[Label, str],
+    max_len: int = 256,
+    separator: str = DEFAULT_SEPARATOR,
+    pad_to_max: bool = False,
+) -> tuple[str, BatchEncoding, dict[Label, list[int]]]:
+    """Prompt, its tokenization and the label -> token indices map for one chunk of categories."""
+    caption, spans = build_labeled_prompt(items, separator)
+    tokenized = tokenize_prompts(tokenizer, [caption], max_len, pad_to_max)
+    return caption, tokenized, spans_to_token_map(tokenized, spans, max_len, caption=caption)
+
+
+def _find_phrase(caption: str, phrase: str) -> Span:
+    needle = re.escape(phrase)
+    for pattern in (rf"(?<!\w){needle}(?!\w)", needle):
+        match = re.search(pattern, caption, flags=re.IGNORECASE)
+        if match:
+            return match.start(), match.end()
+    raise ValueError(f"phrase {phrase!r} does not occur in the caption {caption!r}")
+
+
+def locate_phrases(
+    caption: str,
+    phrases: Sequence[str] | None = None,
+    spans: Sequence[Sequence[int] | Sequence[Sequence[int]]] | None = None,
+) -> list[tuple[str, list[Span]]]:
+    """Entities of a free-form caption as (phrase text, spans), without NLTK (see module doc).
+
+    ``phrases``: each is located case-insensitively, a whole-word occurrence preferred, first
+    occurrence taken (give ``spans`` to pick another). ``spans``: one [start, end) pair, or a list of
+    pairs, per entity. Neither: the whole caption (trimmed) is the only phrase.
+    """
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"caption is empty: {caption!r}")
+    if phrases is not None and spans is not None:
+        raise ValueError("locate_phrases: give phrases or spans, not both")
+    if phrases is not None:
+        if isinstance(phrases, str):
+            raise TypeError(f"phrases must be a list of strings, got the string {phrases!r}")
+        entities = []
+        for phrase in phrases:
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise ValueError(f"empty phrase {phrase!r} for caption {caption!r}")
+            start, end = _find_phrase(caption, phrase.strip())
+            entities.append((caption[start:end], [(start, end)]))
+        return entities
+    if spans is not None:
+        entities = []
+        for i, entity in enumerate(spans):
+            pairs = [entity] if len(entity) == 2 and all(isinstance(v, int) for v in entity) else entity
+            checked = [_check_span(f"entity #{i}", pair, caption) for pair in pairs]
+            if not any(caption[s:e].strip() for s, e in checked):
+                raise ValueError(f"entity #{i}: spans {checked} cover only whitespace in {caption!r}")
+            entities.append((" ".join(caption[s:e] for s, e in checked), checked))
+        return entities
+    start = len(caption) - len(caption.lstrip())
+    return [(caption.strip(), [(start, start + len(caption.strip()))])]
