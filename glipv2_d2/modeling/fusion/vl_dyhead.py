@@ -1,0 +1,146 @@
+"""The stacked VL-DyHead fusion tower (EncVL): [bi-attention] -> [BERT layer] -> [DyConv], N times.
+
+Mirrors ``VLDyHead.dyhead_tower`` of microsoft/GLIP (``modeling/rpn/vldyhead.py``) for the
+MHA-B fusion with a BERT text encoder. The official tower is a flat ``nn.Sequential`` whose
+entries ``3i``, ``3i+1``, ``3i+2`` are ``VLFuse`` (holding ``b_attn``), ``BertEncoderLayer`` and
+``DyConv``; here they are ``layers[i].b_attn``, ``layers[i].text_layer`` and ``layers[i].dyconv``
+with identical parameter names below those prefixes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertLayer
+
+from .bi_attention import BiAttentionBlock
+from .dyconv import DyConv
+
+__all__ = ["VLDyHeadLayer", "VLDyHeadTower", "text_attention_mask"]
+
+
+def text_attention_mask(lang_mask: Tensor, dtype: torch.dtype, attn_implementation: str) -> Tensor:
+    """Build the (B, 1, 1, T) key mask ``BertLayer`` expects from a (B, T) 0/1 mask.
+
+    ``sdpa`` takes a boolean mask (True = attend); ``eager`` adds a float mask, with the dtype's
+    most negative value on padding as ``get_extended_attention_mask`` does in official GLIP.
+    """
+    keep = (lang_mask != 0)[:, None, None, :]
+    if attn_implementation == "sdpa":
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+        ~keep, torch.finfo(dtype).min
+    )
+
+
+class VLDyHeadLayer(nn.Module):
+    """One fusion step: bidirectional attention, a BERT layer on the text, DyConv on the image."""
+
+    def __init__(self, b_attn: BiAttentionBlock, text_layer: nn.Module, dyconv: DyConv):
+        super().__init__()
+        self.b_attn = b_attn
+        self.text_layer = text_layer
+        self.dyconv = dyconv
+
+    def forward(
+        self, features: list[Tensor], lang_hidden: Tensor, lang_mask: Tensor, text_mask: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
+        features, lang_hidden = self.b_attn(features, lang_hidden, lang_mask)
+        out = self.text_layer(lang_hidden, text_mask)
+        lang_hidden = out[0] if isinstance(out, tuple) else out
+        return self.dyconv(features), lang_hidden
+
+
+class VLDyHeadTower(nn.Module):
+    """EncVL of GLIP-T / GLIPv2-T: ``num_layers`` fusion steps over P3..P7 and the text tokens.
+
+    Text input: official ``VLDyHead.forward`` feeds the tower ``language_dict_features["hidden"]``,
+    the text encoder's LAST layer output (unmasked, not the mean over the last N layers), never the
+    masked ``"embedded"``. With N=1 (GLIP-T) they differ only on padding tokens, which cannot reach a
+    real token or the image (masked as keys in BERT and in the image-side softmax), so outputs at real
+    positions do not depend on them; pass ``hidden`` to match official values exactly everywhere.
+
+    Text layer: transformers' ``BertLayer`` (names ``attention.self.query`` ... ``output.LayerNorm``
+    equal the official ``BertEncoderLayer``). The official layer additionally clamps attention
+    scores, the FFN activations and the LayerNorm outputs to +-50000; these are fp16 overflow guards
+    that cannot bind for finite fp32 activations of a trained model (LayerNorm outputs are bounded
+    by sqrt(hidden) * |gamma| + |beta|), and masked scores give a zero softmax weight either way.
+    The layer runs with SDPA (unless ``lang_config`` asks for ``eager``).
+
+    Fusion hyper-parameters follow the official ``VLFuse``: 8 heads, attention width 2048,
+    dropout 0.1, layer scale initialised to ``1 / num_layers``; text width = ``lang_config.hidden_size``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        channels: int,
+        lang_config: BertConfig,
+        in_channels: int | None = None,
+        embed_dim: int = 2048,
+        num_heads: int = 8,
+        fusion_dropout: float = 0.1,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        use_dyrelu: bool = True,
+        use_deform: bool = True,
+        use_gn: bool = True,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        in_channels = channels if in_channels is None else in_channels
+        init_values = 1.0 / num_layers if init_values is None else init_values
+        self.use_checkpoint = use_checkpoint
+
+        text_config = copy.deepcopy(lang_config)
+        if getattr(text_config, "_attn_implementation", None) != "eager":
+            text_config._attn_implementation = "sdpa"
+        self.attn_implementation = text_config._attn_implementation
+
+        layers = []
+        for i in range(num_layers):
+            c_in = in_channels if i == 0 else channels
+            # As official: the first DyConv drops its dynamic parts when it changes the width.
+            same_width = c_in == channels
+            layers.append(
+                VLDyHeadLayer(
+                    BiAttentionBlock(c_in, text_config.hidden_size, embed_dim, num_heads,
+                                     dropout=fusion_dropout, drop_path=drop_path, init_values=init_values),
+                    BertLayer(text_config),
+                    DyConv(c_in, channels, use_dyrelu=use_dyrelu and same_width,
+                           use_deform=use_deform and same_width, use_gn=use_gn),
+                )
+            )
+        self.layers = nn.ModuleList(layers)
+
+    def forward(
+        self,
+        features: list[Tensor],
+        lang_hidden: Tensor,
+        lang_mask: Tensor,
+        return_intermediates: bool = False,
+    ) -> tuple[list[Tensor], Tensor] | tuple[list[Tensor], Tensor, list[tuple[list[Tensor], Tensor]]]:
+        """features: P3..P7 as (B, C, H, W); lang_hidden: (B, T, D) text encoder ``hidden``;
+        lang_mask: (B, T) with 0 on padding. Padding the text to any length gives the same outputs
+        at real positions, so batches may be padded to their longest prompt.
+        """
+        text_mask = text_attention_mask(lang_mask, lang_hidden.dtype, self.attn_implementation)
+        checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
+        intermediates = []
+        features = list(features)
+        for layer in self.layers:
+            if checkpointed:
+                features, lang_hidden = torch.utils.checkpoint.checkpoint(
+                    layer, features, lang_hidden, lang_mask, text_mask, use_reentrant=False
+                )
+            else:
+                features, lang_hidden = layer(features, lang_hidden, lang_mask, text_mask)
+            if return_intermediates:
+                intermediates.append((features, lang_hidden))
+        if return_intermediates:
+            return features, lang_hidden, intermediates
+        return features, lang_hidden
