@@ -26,8 +26,9 @@ OFFICIAL_PREFIX_RULES: tuple[tuple[str, str], ...] = (
     (r"^roi_heads\.mask\.", "mask_head."),
 )
 
-# Sub-modules of one official VL-DyHead layer, in tower order (index modulo 3).
-TOWER_PARTS = ("b_attn.", "text_layer.", "dyconv.")
+# Sub-modules of one official VL-DyHead layer, in tower order (index modulo 3); the fusion block's
+# official keys already carry its "b_attn." name.
+TOWER_PARTS = ("", "text_layer.", "dyconv.")
 
 # Official entries with no parameter in this model; each is verified or documented, never loaded.
 IGNORED_OFFICIAL_KEYS: dict[str, str] = {
@@ -149,3 +150,19 @@ def verify_cell_anchors(official: Mapping[str, Tensor], model_cell_anchors: list
                 f"anchor level {level} differs: checkpoint {anchors.tolist()} vs config "
                 f"{model_cell_anchors[level].tolist()} (check MODEL.ATSS.ANCHOR_SIZES / ANCHOR_STRIDES)"
             )
+
+
+def convert_official_checkpoint(path: str | Path, model: torch.nn.Module, use_ema: bool = False,
+                                trusted_pickle: bool = False) -> dict[str, Tensor]:
+    """Read, rename and check an official checkpoint against `model`; returns our state dict."""
+    official = load_official_state_dict(path, use_ema=use_ema, trusted_pickle=trusted_pickle)
+    converted = convert_official_state_dict(official, model.state_dict())
+    verify_cell_anchors(official, list(model.anchor_generator.cell_anchors.buffers()))
+    return converted
+
+
+def save_detectron2_checkpoint(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
+    """Write a file Detectron2's DetectionCheckpointer loads as is (cfg.MODEL.WEIGHTS)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {k: v.contiguous() for k, v in state_dict.items()}, "__author__": "glipv2_d2"}, path)

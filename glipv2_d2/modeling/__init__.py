@@ -1,0 +1,7 @@
+"""Model components; importing registers the backbone, text encoder and meta-architecture."""
+
+from . import backbone  # noqa: F401  (registers build_swin_fpn_p6p7_backbone)
+from .language import LANGUAGE_BACKBONE_REGISTRY  # noqa: F401
+from .meta_arch import GLIPv2
+
+__all__ = ["GLIPv2"]

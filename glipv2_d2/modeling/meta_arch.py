@@ -1,0 +1,240 @@
+"""The GLIPv2 meta-architecture: encoders, deep fusion, region-word head, post-processing.
+
+Every input dict carries its own text, so one batch can mix prompts; the text encoder runs once per
+DISTINCT prompt of the batch, and prompts are padded to the batch's longest one unless
+MODEL.LANGUAGE_BACKBONE.PAD_MAX asks for the official fixed length.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.structures import ImageList, Instances
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from .anchor_generator import LegacyAnchorGenerator
+from .box_coder import LegacyBoxCoder
+from .dense_head import GroundingPredictionHead
+from .fusion import VLDyHeadTower
+from .language import build_language_backbone, build_tokenizer
+from .postprocessing import ATSSPostProcessor
+
+
+@dataclass
+class EncodedText:
+    """Text of a batch after the text encoder, one row per image (rows of a shared prompt alias)."""
+
+    hidden: Tensor  # (B, T, H) last-layer states fed to the fusion tower
+    mask: Tensor  # (B, T) 1 on real tokens
+    input_ids: Tensor  # (B, T)
+
+
+@dataclass
+class NetworkOutputs:
+    """Raw per-level predictions of the fused network, before any decoding."""
+
+    features: list[Tensor]  # fused image levels (B, C, H, W)
+    text: Tensor  # fused text states (B, T, H)
+    logits: list[Tensor]  # region-word logits per level (B, H*W, T)
+    bbox_reg: list[Tensor]  # box deltas per level (B, 4, H, W)
+    centerness: list[Tensor]  # centerness logits per level (B, 1, H, W)
+
+
+@META_ARCH_REGISTRY.register()
+class GLIPv2(nn.Module):
+    """Grounded detector: Swin-FPN + BERT -> VL-DyHead fusion -> ATSS region-word head."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        language_backbone: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        fusion: VLDyHeadTower,
+        head: GroundingPredictionHead,
+        anchor_generator: LegacyAnchorGenerator,
+        box_coder: LegacyBoxCoder,
+        post_processor: ATSSPostProcessor,
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
+        max_query_len: int,
+        pad_to_max_query_len: bool,
+        input_format: str = "BGR",
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.language_backbone = language_backbone
+        self.tokenizer = tokenizer
+        self.fusion = fusion
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.box_coder = box_coder
+        self.post_processor = post_processor
+        self.max_query_len = max_query_len
+        self.pad_to_max_query_len = pad_to_max_query_len
+        self.input_format = input_format
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> dict:
+        backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
+        language_backbone = build_language_backbone(cfg)
+        dyhead, atss = cfg.MODEL.DYHEAD, cfg.MODEL.ATSS
+        layer_scale = dyhead.FUSION.LAYER_SCALE_INIT or 1.0 / dyhead.NUM_LAYERS
+        fusion = VLDyHeadTower(
+            num_layers=dyhead.NUM_LAYERS,
+            channels=dyhead.CHANNELS,
+            in_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+            lang_config=language_backbone.model.config,
+            embed_dim=dyhead.FUSION.EMBED_DIM,
+            num_heads=dyhead.FUSION.NUM_HEADS,
+            fusion_dropout=dyhead.FUSION.DROPOUT,
+            drop_path=dyhead.FUSION.DROP_PATH,
+            init_values=layer_scale,
+            use_gn=dyhead.USE_GN,
+            use_dyrelu=dyhead.USE_DYRELU,
+            use_deform=dyhead.USE_DEFORM,
+            use_checkpoint=dyhead.USE_CHECKPOINT,
+        )
+        head = GroundingPredictionHead(
+            in_channels=dyhead.CHANNELS,
+            lang_dim=language_backbone.hidden_size,
+            num_levels=len(atss.ANCHOR_STRIDES),
+            prior_prob=dyhead.PRIOR_PROB,
+            log_scale_init=dyhead.LOG_SCALE_INIT,
+        )
+        box_coder = LegacyBoxCoder(weights=tuple(atss.BBOX_REG_WEIGHTS), scale_clamp=atss.BBOX_XFORM_CLIP)
+        return {
+            "backbone": backbone,
+            "language_backbone": language_backbone,
+            "tokenizer": build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER),
+            "fusion": fusion,
+            "head": head,
+            "anchor_generator": LegacyAnchorGenerator(
+                sizes=atss.ANCHOR_SIZES,
+                strides=atss.ANCHOR_STRIDES,
+                aspect_ratios=atss.ASPECT_RATIOS,
+                scales_per_octave=atss.SCALES_PER_OCTAVE,
+            ),
+            "box_coder": box_coder,
+            "post_processor": ATSSPostProcessor(
+                box_coder=box_coder,
+                score_thresh=atss.INFERENCE_TH,
+                pre_nms_top_n=atss.PRE_NMS_TOP_N,
+                nms_thresh=atss.NMS_TH,
+                detections_per_img=atss.DETECTIONS_PER_IMG,
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
+            "pad_to_max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.PAD_MAX,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
+        """Normalise and pad to the backbone's size divisibility (32 for Swin-FPN)."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def tokenize(self, captions: list[str]):
+        """Tokenize with the model's tokenizer and padding policy (offsets kept for token maps)."""
+        return self.tokenizer(
+            captions,
+            max_length=self.max_query_len,
+            padding="max_length" if self.pad_to_max_query_len else "longest",
+            truncation=True,
+            return_tensors="pt",
+            return_offsets_mapping=True,
+        )
+
+    def encode_text(self, batched_inputs: list[dict]) -> EncodedText:
+        """Run the text encoder once per distinct caption and gather the rows back per image."""
+        captions = [_caption_of(x, i) for i, x in enumerate(batched_inputs)]
+        distinct = list(dict.fromkeys(captions))
+        tokens = self.tokenize(distinct)
+        input_ids = tokens["input_ids"].to(self.device)
+        mask = tokens["attention_mask"].to(self.device)
+        encoded = self.language_backbone(input_ids, mask)
+        rows = torch.tensor([distinct.index(c) for c in captions], device=self.device)
+        return EncodedText(encoded["hidden"][rows], mask[rows], input_ids[rows])
+
+    def run_network(self, images: ImageList, text: EncodedText) -> NetworkOutputs:
+        """Backbone, fusion tower and prediction head on a preprocessed batch."""
+        pyramid = self.backbone(images.tensor)
+        features = [pyramid[name] for name in self.backbone.output_shape()]
+        features, fused_text = self.fusion(features, text.hidden, text.mask)
+        predictions = self.head(features, fused_text)
+        return NetworkOutputs(
+            features=features,
+            text=fused_text,
+            logits=predictions["logits"],
+            bbox_reg=predictions["bbox_reg"],
+            centerness=predictions["centerness"],
+        )
+
+    def forward(self, batched_inputs: list[dict]) -> list[dict]:
+        if self.training:
+            raise NotImplementedError(
+                "GLIPv2 training losses (ATSS + token focal loss) are not built yet; use eval() for inference"
+            )
+        return self.inference(batched_inputs)
+
+    def inference(self, batched_inputs: list[dict], do_postprocess: bool = True) -> list[dict]:
+        """Detections per image: Instances(pred_boxes, scores, pred_classes) in input-image pixels.
+
+        Each input needs "image", "caption" and "label_to_tokens" ({label id: [token indices]});
+        "height"/"width" (original size) rescale the boxes, as Detectron2 models do.
+        """
+        label_maps = [_label_map_of(x, i) for i, x in enumerate(batched_inputs)]
+        images = self.preprocess_image(batched_inputs)
+        text = self.encode_text(batched_inputs)
+        outputs = self.run_network(images, text)
+        anchors = self.anchor_generator(outputs.features)
+        results = self.post_processor(
+            outputs.bbox_reg, outputs.centerness, outputs.logits, anchors, images.image_sizes, label_maps
+        )
+        if not do_postprocess:
+            return [{"instances": r} for r in results]
+        processed = []
+        for result, x, size in zip(results, batched_inputs, images.image_sizes):
+            height, width = x.get("height", size[0]), x.get("width", size[1])
+            processed.append({"instances": rescale_instances(result, height, width)})
+        return processed
+
+
+def rescale_instances(instances: Instances, height: int, width: int) -> Instances:
+    """Scale boxes from the network input size to the original (height, width).
+
+    Unlike detectron2's detector_postprocess this keeps zero-width boxes, as the official
+    BoxList.resize does, so detections stay identical to GLIP's.
+    """
+    in_h, in_w = instances.image_size
+    result = Instances((height, width), **instances.get_fields())
+    result.pred_boxes.scale(width / in_w, height / in_h)
+    return result
+
+
+def _caption_of(x: dict, index: int) -> str:
+    caption = x.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"input {index} has no text: 'caption' must be a non-empty string, got {caption!r}")
+    return caption
+
+
+def _label_map_of(x: dict, index: int) -> dict[int, list[int]]:
+    label_map = x.get("label_to_tokens")
+    if not label_map:
+        raise ValueError(
+            f"input {index} has no 'label_to_tokens' map (label id -> token indices); build it with "
+            f"glipv2_d2.data.prompts for the caption {x.get('caption')!r}"
+        )
+    return label_map

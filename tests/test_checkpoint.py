@@ -1,0 +1,143 @@
+"""The GLIP-T model has the official checkpoint's exact structure, and official files convert strictly."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from glipv2_d2 import add_glipv2_config
+from glipv2_d2.checkpoint import (
+    CheckpointMismatchError,
+    convert_official_state_dict,
+    is_ignored_official_key,
+    official_to_model_key,
+)
+from tools.convert_glip_checkpoint import main as convert_main
+
+from .conftest import reference_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def released_checkpoint_rows() -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, dtype) of every tensor in the released GLIP-T checkpoint."""
+    with open(reference_dir() / "glip_tiny_state_dict.tsv") as f:
+        lines = [line for line in f if not line.startswith("#")]
+    rows = []
+    for row in csv.DictReader(lines, delimiter="\t"):
+        if row["option"] == "base":
+            rows.append((row["key"], tuple(int(d) for d in row["shape"].split("x")), row["dtype"]))
+    return rows
+
+
+def synthetic_official_state_dict(rows) -> dict[str, torch.Tensor]:
+    """Each tensor filled with its own row number, so a value tells which official key it came from."""
+    state = {}
+    for index, (key, shape, dtype) in enumerate(rows):
+        if dtype == "int64":
+            state[key] = torch.arange(torch.Size(shape).numel()).reshape(shape) % 169
+        else:
+            state[key] = torch.full(shape, float(index + 1))
+    return state
+
+
+@pytest.fixture(scope="module")
+def glip_t_model():
+    cfg = add_glipv2_config(get_cfg())
+    cfg.merge_from_file(str(REPO / "configs" / "glipv2_T.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg, build_model(cfg)
+
+
+def test_glip_t_shapes_and_parameter_count_match_official(glip_t_model):
+    _, model = glip_t_model
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    rows = [r for r in released_checkpoint_rows() if not is_ignored_official_key(r[0])]
+    official = {official_to_model_key(key): shape for key, shape, _ in rows}
+    assert None not in official
+    assert official == ours
+    official_params = sum(torch.Size(shape).numel() for key, shape, dtype in rows if dtype == "float32")
+    our_params = sum(p.numel() for p in model.parameters())
+    assert our_params == official_params
+
+
+def test_ignored_keys_are_only_the_documented_ones():
+    ignored = {key for key, _, _ in released_checkpoint_rows() if is_ignored_official_key(key)}
+    assert ignored == {
+        "rpn.head.cls_logits.weight", "rpn.head.cls_logits.bias",
+        "language_backbone.body.model.embeddings.position_ids",
+        *(f"rpn.anchor_generator.cell_anchors.{i}" for i in range(5)),
+    }
+
+
+def test_official_file_converts_and_loads_through_detectron2(glip_t_model, tmp_path):
+    cfg, model = glip_t_model
+    rows = released_checkpoint_rows()
+    official = synthetic_official_state_dict(rows)
+    for i, stride in enumerate(cfg.MODEL.ATSS.ANCHOR_STRIDES):
+        half = 4 * stride
+        official[f"rpn.anchor_generator.cell_anchors.{i}"] = torch.tensor(
+            [[-half + (stride - 1) / 2 + 0.5, -half + (stride - 1) / 2 + 0.5,
+              half + (stride - 1) / 2 - 0.5, half + (stride - 1) / 2 - 0.5]])
+    source = tmp_path / "glip_tiny_official.pth"
+    torch.save({"model": {"module." + k: v for k, v in official.items()}}, source)
+    target = tmp_path / "converted.pth"
+    assert convert_main(["--config-file", str(REPO / "configs/glipv2_T.yaml"),
+                         "--input", str(source), "--output", str(target)]) == 0
+
+    DetectionCheckpointer(model).load(str(target))
+    row_of = {key: index + 1 for index, (key, _, _) in enumerate(rows)}
+    params = dict(model.named_parameters())
+    samples = {
+        "backbone.body.layers.2.blocks.5.attn.qkv.weight": "backbone.bottom_up.layers.2.blocks.5.attn.qkv.weight",
+        "backbone.fpn.fpn_inner2.weight": "backbone.fpn_lateral3.weight",
+        "backbone.fpn.top_blocks.p7.bias": "backbone.top_block.p7.bias",
+        "language_backbone.body.model.encoder.layer.11.output.dense.weight":
+            "language_backbone.model.encoder.layer.11.output.dense.weight",
+        "rpn.head.dyhead_tower.15.b_attn.gamma_l": "fusion.layers.5.b_attn.gamma_l",
+        "rpn.head.dyhead_tower.16.attention.self.key.bias": "fusion.layers.5.text_layer.attention.self.key.bias",
+        "rpn.head.dyhead_tower.2.DyConv.1.conv.weight": "fusion.layers.0.dyconv.DyConv.1.conv.weight",
+        "rpn.head.dyhead_tower.8.offset.weight": "fusion.layers.2.dyconv.offset.weight",
+        "rpn.head.bias0": "head.bias0",
+        "rpn.head.scales.4.scale": "head.scales.4.scale",
+    }
+    for official_key, our_key in samples.items():
+        assert torch.all(params[our_key] == row_of[official_key]), our_key
+
+
+def test_wrong_anchors_are_refused(glip_t_model, tmp_path):
+    cfg, _ = glip_t_model
+    bad = tmp_path / "bad_anchors.pth"
+    rows = released_checkpoint_rows()
+    official = synthetic_official_state_dict(rows)
+    for i in range(5):
+        official[f"rpn.anchor_generator.cell_anchors.{i}"] = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    torch.save({"model": official}, bad)
+    assert convert_main(["--config-file", str(REPO / "configs/glipv2_T.yaml"),
+                         "--input", str(bad), "--output", str(tmp_path / "out.pth")]) == 1
+
+
+def test_mismatches_are_listed_by_name(glip_t_model):
+    _, model = glip_t_model
+    official = {key: torch.zeros(shape) for key, shape, _ in released_checkpoint_rows()}
+    del official["rpn.head.bias_lang"]
+    official["rpn.head.some_new_thing"] = torch.zeros(3)
+    with pytest.raises(CheckpointMismatchError) as error:
+        convert_official_state_dict(official, model.state_dict())
+    assert "head.bias_lang" in str(error.value) and "head.some_new_thing" in str(error.value)
+    official = {key: torch.zeros(shape) for key, shape, _ in released_checkpoint_rows()}
+    official["totally.unknown"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError, match="totally.unknown"):
+        convert_official_state_dict(official, model.state_dict())
+
+
+def test_truncated_file_gives_a_clear_error(glip_t_model, tmp_path):
+    path = tmp_path / "truncated.pth"
+    torch.save({"model": {"a": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    assert convert_main(["--config-file", str(REPO / "configs/glipv2_T.yaml"),
+                         "--input", str(path), "--output", str(tmp_path / "out.pth")]) == 1

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Convert an official GLIP / GLIPv2 checkpoint into a file for cfg.MODEL.WEIGHTS.
+
+Example:
+  python tools/convert_glip_checkpoint.py --config-file configs/glipv2_T.yaml \
+      --input glip_tiny_model_o365_goldg.pth --output weights/glip_tiny_d2.pth
+The conversion is strict: it fails, listing the keys, unless checkpoint and model match one to one.
+"""
+
+import argparse
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from glipv2_d2 import add_glipv2_config
+from glipv2_d2.checkpoint import CheckpointMismatchError, convert_official_checkpoint, save_detectron2_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, help="config of the model the weights are for")
+    parser.add_argument("--input", required=True, help="official checkpoint (.pth)")
+    parser.add_argument("--output", required=True, help="where to write the converted checkpoint")
+    parser.add_argument("--ema", action="store_true", help="convert the 'model_ema' weights instead of 'model'")
+    parser.add_argument("--trusted-pickle", action="store_true",
+                        help="allow arbitrary pickled objects (only for files from a source you trust)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = add_glipv2_config(get_cfg())
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    try:
+        state_dict = convert_official_checkpoint(args.input, model, args.ema, args.trusted_pickle)
+    except CheckpointMismatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    save_detectron2_checkpoint(state_dict, args.output)
+    print(f"converted {len(state_dict)} tensors from {args.input} -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
