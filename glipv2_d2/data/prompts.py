@@ -154,7 +154,8 @@ def tokenize_prompts(
         if not real[i].any():
             raise ValueError(f"caption #{i} {caption!r} tokenizes to no token besides [CLS]/[SEP]")
         kept_end = int(offsets[i, real[i], 1].max())
-        if kept_end < len(caption.rstrip()):
+        filled = int(tokenized["attention_mask"][i].sum()) == max_len
+        if filled and kept_end < len(caption.rstrip()):
             logger.warning(
                 "caption #%d truncated to %d tokens: characters %d.. dropped (%r...)",
                 i,
@@ -196,6 +197,8 @@ def spans_to_token_map(
     starts, ends = offsets[:, 0], offsets[:, 1]
     real = ends > starts
     kept_end = int(ends[real].max()) if real.any() else 0
+    # Only a prompt that fills the window can have lost characters to truncation.
+    filled = int(torch.as_tensor(tokenized["attention_mask"])[batch_index].sum()) == max_len
     token_map: dict[Label, list[int]] = {}
     for label, spans in spans_per_label.items():
         if isinstance(spans, (str, bytes)) or len(spans) == 0:
@@ -206,8 +209,8 @@ def spans_to_token_map(
             phrase = f" {caption[start:end]!r}" if caption is not None else ""
             last = start + len(caption[start:end].rstrip()) if caption is not None else end
             hit = torch.nonzero(real & (starts < end) & (ends > start)).flatten()
-            if hit.numel() == 0 or last > kept_end:
-                reason = "was truncated away" if last > kept_end else "covers no token"
+            if hit.numel() == 0 or (filled and last > kept_end):
+                reason = "was truncated away" if filled and last > kept_end else "covers no token"
                 raise ValueError(f"label {label!r}: phrase{phrase} at [{start}, {end}) {reason}")
             first_tok, last_tok = int(hit.min()), int(hit.max())
             if last_tok >= max_len:
