@@ -21,7 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --config-file configs/quickstart/demo.yaml --builtin-image astronaut \
-		--prompt "person. rocket. flag" --output output/demo
+		--categories "person,rocket,flag" --output output/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
