@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""Measure inference speed and peak memory of a GLIPv2 config, per precision (fp32 / bf16 / fp16).
+
+Every image gets the 80 COCO category names as its prompt (one chunk, as in COCO evaluation), so
+the numbers match what detection on COCO costs. Images are random and already at the network input
+size, so no resize is timed; the model still normalises, pads and copies them to the device, as it
+does for real inputs.
+
+Example (GPU, GLIP-T, random weights):
+  python tools/benchmark.py --config-file configs/glipv2_T.yaml --batch-size 1 --json out/bench_T_b1.json
+CPU smoke run of the small quick-start model (its 128-token limit splits the COCO names in two, so
+the override raises it):
+  python tools/benchmark.py --config-file configs/quickstart/demo.yaml --device cpu --iters 2 --warmup 1 \
+      --height 256 --width 320 --precision fp32,bf16 MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+from detectron2.modeling import build_model
+from torch import nn
+
+from glipv2_d2 import add_glipv2_config
+from glipv2_d2.engine.predictor import build_prompt_chunks
+from glipv2_d2.modeling.meta_arch import rescale_instances
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COCO_NAMES = [c["name"] for c in COCO_CATEGORIES if c["isthing"] == 1]
+SEED = 0
+MIB = 2**20
+STAGES = ("preprocess", "backbone", "text encoder", "fusion + head", "post-processing")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="configs/glipv2_T.yaml", help="model config to benchmark")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32,bf16,fp16",
+                        help="comma-separated subset of fp32,bf16,fp16 (bf16/fp16 run under torch.autocast)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--iters", type=int, default=20, help="timed forward passes per precision")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes before timing")
+    parser.add_argument("--height", type=int, default=800, help="image height as the network receives it")
+    parser.add_argument("--width", type=int, default=1333, help="image width as the network receives it")
+    parser.add_argument("--weights", default="", help="converted checkpoint (default: cfg.MODEL.WEIGHTS, "
+                                                      "else random init)")
+    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser.add_argument("--profile-stages", action="store_true",
+                        help="also time each stage (fp32) to see where the time goes")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    args = parser.parse_args(argv)
+    args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
+    unknown = [p for p in args.precision if p not in PRECISIONS]
+    if unknown or not args.precision:
+        parser.error(f"--precision: unknown {unknown}; choose among {', '.join(PRECISIONS)}")
+    if min(args.batch_size, args.iters, args.height, args.width) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --iters, --height and --width must be >= 1 and --warmup >= 0")
+    return args
+
+
+def setup(args: argparse.Namespace) -> tuple[CfgNode, nn.Module]:
+    """Build the model the way the other tools do, so the benchmark times what they run."""
+    cfg = add_glipv2_config(get_cfg())
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = args.device
+    torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+    torch.manual_seed(SEED)
+    model = build_model(cfg).eval()
+    weights = args.weights or cfg.MODEL.WEIGHTS
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    return cfg, model
+
+
+def make_inputs(model: nn.Module, cfg: CfgNode, batch_size: int, height: int, width: int) -> list[dict]:
+    """One batch of random uint8 images, each with the COCO vocabulary as a single prompt."""
+    max_len = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
+    chunks = build_prompt_chunks(model.tokenizer, COCO_NAMES, max_len)
+    if len(chunks) != 1:
+        raise ValueError(
+            f"the {len(COCO_NAMES)} COCO names need {len(chunks)} prompts of at most {max_len} tokens, but the "
+            "benchmark times one prompt per image: add MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256"
+        )
+    generator = torch.Generator().manual_seed(SEED)
+    return [
+        {
+            "image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
+            "height": height,
+            "width": width,
+            "caption": chunks[0].caption,
+            "label_to_tokens": chunks[0].label_to_tokens,
+        }
+        for _ in range(batch_size)
+    ]
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def max_rss_mib() -> float:
+    """High-water mark of the process's resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
+
+
+def autocast(device: str, precision: str) -> AbstractContextManager:
+    """fp32 runs without autocast; bf16 / fp16 under torch.autocast, as mixed-precision inference does."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device, dtype=dtype) if dtype else nullcontext()
+
+
+def time_precision(model: nn.Module, inputs: list[dict], device: str, precision: str, iters: int, warmup: int,
+                   rss_at_start: float) -> dict:
+    """Per-batch wall times of `iters` forward passes after `warmup` untimed ones, and the memory peak."""
+    times = []
+    with torch.inference_mode(), autocast(device, precision):
+        for _ in range(warmup):
+            model(inputs)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(iters):
+            synchronize(device)
+            start = time.perf_counter()
+            outputs = model(inputs)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / MIB
+    else:
+        peak = max_rss_mib() - rss_at_start
+    return {
+        "precision": precision,
+        "images_per_s": len(inputs) * iters / sum(times),
+        "ms_per_batch_mean": 1000 * statistics.fmean(times),
+        "ms_per_batch_median": 1000 * statistics.median(times),
+        "peak_mem_mib": peak,
+        "detections": sum(len(o["instances"]) for o in outputs),
+    }
+
+
+def profile_stages(model: nn.Module, inputs: list[dict], device: str, iters: int, warmup: int) -> dict[str, float]:
+    """Mean fp32 ms per batch of each step of GLIPv2.inference, synchronising at every boundary.
+
+    The backbone runs inside run_network, so hooks on it split the backbone from fusion + head.
+    """
+    marks: list[float] = []
+
+    def mark(*_) -> None:
+        synchronize(device)
+        marks.append(time.perf_counter())
+
+    def timed(fn: Callable, *fn_args):
+        mark()
+        result = fn(*fn_args)
+        mark()
+        return result, marks[-1] - marks[-2]
+
+    def post_process(outputs, images) -> list:
+        anchors = model.anchor_generator(outputs.features)
+        label_maps = [x["label_to_tokens"] for x in inputs]
+        results = model.post_processor(outputs.bbox_reg, outputs.centerness, outputs.logits, anchors,
+                                       images.image_sizes, label_maps)
+        return [rescale_instances(r, x["height"], x["width"]) for r, x in zip(results, inputs)]
+
+    totals = dict.fromkeys(STAGES, 0.0)
+    hooks = [model.backbone.register_forward_pre_hook(mark), model.backbone.register_forward_hook(mark)]
+    try:
+        with torch.inference_mode():
+            for step in range(warmup + iters):
+                images, t_pre = timed(model.preprocess_image, inputs)
+                text, t_text = timed(model.encode_text, inputs)
+                outputs, t_net = timed(model.run_network, images, text)
+                t_backbone = marks[-2] - marks[-3]  # the hooks' marks, between run_network's own
+                _, t_post = timed(post_process, outputs, images)
+                if step >= warmup:
+                    for stage, seconds in zip(STAGES, (t_pre, t_backbone, t_text, t_net - t_backbone, t_post)):
+                        totals[stage] += seconds
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {stage: 1000 * seconds / iters for stage, seconds in totals.items()}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def markdown_table(rows: list[dict], memory_label: str) -> str:
+    header = ["device", "torch", "precision", "batch", "input (HxW)", "images/s", "ms/batch mean",
+              "ms/batch median", memory_label, "detections"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["device_name"], r["torch"], r["precision"], str(r["batch_size"]), f"{r['height']}x{r['width']}",
+                 f"{r['images_per_s']:.2f}", f"{r['ms_per_batch_mean']:.1f}", f"{r['ms_per_batch_median']:.1f}",
+                 f"{r['peak_mem_mib']:.0f}", str(r["detections"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available", file=sys.stderr)
+        return 1
+    rss_at_start = max_rss_mib()
+    cfg, model = setup(args)
+    try:
+        inputs = make_inputs(model, cfg, args.batch_size, args.height, args.width)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    memory_label = ("peak CUDA allocated (MiB)" if args.device == "cuda"
+                    else "process max-RSS growth since start (MiB)")
+    notes = []
+    if not (args.weights or cfg.MODEL.WEIGHTS):
+        notes.append("random weights: detection counts and post-processing cost are not representative")
+    if args.device == "cpu":
+        notes.append("CPU memory is the process's resident high-water mark, which never goes down: a row only "
+                     "shows more than the rows before it when it needs more memory")
+    base = {"device_name": device_name(args.device), "torch": torch.__version__, "batch_size": args.batch_size,
+            "height": args.height, "width": args.width}
+    rows, skipped = [], {}
+    for precision in args.precision:
+        if precision == "fp16" and args.device == "cpu":
+            skipped[precision] = "fp16 autocast is not benchmarked on CPU"
+        elif precision == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
+            skipped[precision] = "this GPU does not support bf16"
+        else:
+            print(f"timing {precision} ...", flush=True)
+            rows.append(base | time_precision(model, inputs, args.device, precision, args.iters, args.warmup,
+                                              rss_at_start))
+    stages = profile_stages(model, inputs, args.device, args.iters, args.warmup) if args.profile_stages else None
+
+    print(f"\nconfig {args.config_file}, {len(COCO_NAMES)} COCO names in one prompt, "
+          f"{args.warmup} warm-up + {args.iters} timed iterations\n")
+    print(markdown_table(rows, memory_label))
+    for precision, reason in skipped.items():
+        print(f"- skipped {precision}: {reason}")
+    for note in notes:
+        print(f"- note: {note}")
+    if stages:
+        total = sum(stages.values())
+        print("\n| stage (fp32) | ms/batch | share |\n|---|---|---|")
+        for stage, ms in stages.items():
+            print(f"| {stage} | {ms:.1f} | {100 * ms / total:.0f}% |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {"config": args.config_file, "opts": args.opts, "weights": args.weights or cfg.MODEL.WEIGHTS,
+                  "device": args.device, "iters": args.iters, "warmup": args.warmup, "memory_metric": memory_label,
+                  "rows": rows, "skipped": skipped, "notes": notes, "stages_ms": stages}
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
