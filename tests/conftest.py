@@ -26,3 +26,18 @@ def golden() -> dict:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def params_via_converter(params: dict, official_prefix: str, module_prefix: str) -> dict:
+    """Golden module params (official names relative to the module) renamed by the checkpoint
+    converter, then made relative to our module; keys the converter drops are dropped here too."""
+    from glipv2_d2.checkpoint import is_ignored_official_key, official_to_model_key
+
+    renamed = {}
+    for key, value in params.items():
+        if is_ignored_official_key(official_prefix + key):
+            continue
+        target = official_to_model_key(official_prefix + key)
+        assert target is not None and target.startswith(module_prefix), (key, target)
+        renamed[target.removeprefix(module_prefix)] = value
+    return renamed

@@ -21,6 +21,8 @@ from glipv2_d2.modeling.postprocessing import (
     token_logits_to_label_scores,
 )
 
+from .conftest import params_via_converter
+
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
@@ -31,7 +33,7 @@ TOL = {"rtol": 1e-4, "atol": 1e-4}
 def _golden_head(case: dict) -> GroundingPredictionHead:
     config = case["config"]
     head = GroundingPredictionHead(in_channels=config["channels"], lang_dim=config["lang_dim"]).eval()
-    params = {k: v for k, v in case["params"].items() if not k.startswith("cls_logits.")}
+    params = params_via_converter(case["params"], "rpn.head.", "head.")
     assert set(case["params"]) - set(params) == set(OFFICIAL_UNUSED_KEYS)
     head.load_state_dict(params, strict=True)
     return head

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import BertConfig
 
 from glipv2_d2.modeling.fusion import BiAttentionBlock, DyConv, VLDyHeadTower
 
+from .conftest import params_via_converter
+
 TOL = {"rtol": 1e-4, "atol": 1e-4}
-
-
-def _golden_path() -> Path:
-    root = os.environ.get("GLIPV2_REFERENCE_DIR")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "reference"
-    return base / "glip_golden_modules.pt"
-
-
-@pytest.fixture(scope="module")
-def golden() -> dict:
-    path = _golden_path()
-    if not path.is_file():
-        pytest.skip(f"golden vectors not found at {path} (set GLIPV2_REFERENCE_DIR)")
-    return torch.load(path, weights_only=True)
 
 
 def _assert_levels_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -41,7 +26,9 @@ def test_bi_attention_matches_official(golden: dict, case_name: str) -> None:
     block = BiAttentionBlock(cfg["v_dim"], cfg["l_dim"], cfg["embed_dim"], cfg["num_heads"],
                              dropout=cfg["dropout"], drop_path=cfg["drop_path"],
                              init_values=cfg["init_values"]).eval()
-    block.load_state_dict(case["params"], strict=True)
+    block.load_state_dict(
+        params_via_converter(case["params"], "rpn.head.dyhead_tower.3.b_attn.", "fusion.layers.1.b_attn."), strict=True
+    )
     inputs = case["inputs"]
     with torch.no_grad():
         visual, lang = block(inputs["visual"], inputs["lang_hidden"], inputs["lang_masks"])
@@ -55,7 +42,9 @@ def test_dyconv_matches_official(golden: dict, case_name: str) -> None:
     cfg = case["config"]
     dyconv = DyConv(cfg["in_channels"], cfg["out_channels"], use_dyrelu=cfg["use_dyrelu"],
                     use_deform=cfg["use_deform"]).eval()
-    dyconv.load_state_dict(case["params"], strict=True)
+    dyconv.load_state_dict(
+        params_via_converter(case["params"], "rpn.head.dyhead_tower.5.", "fusion.layers.1.dyconv."), strict=True
+    )
     with torch.no_grad():
         visual, record = dyconv.forward_with_intermediates(case["inputs"]["visual"])
     _assert_levels_close(visual, case["outputs"]["visual"])
