@@ -141,3 +141,17 @@ def test_truncated_file_gives_a_clear_error(glip_t_model, tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     assert convert_main(["--config-file", str(REPO / "configs/glipv2_T.yaml"),
                          "--input", str(path), "--output", str(tmp_path / "out.pth")]) == 1
+
+
+def test_ema_weights_are_selected_and_missing_ema_is_named(tmp_path):
+    from glipv2_d2.checkpoint import load_official_state_dict
+
+    path = tmp_path / "with_ema.pth"
+    torch.save({"model": {"module.rpn.head.bias0": torch.zeros(1)},
+                "model_ema": {"module.rpn.head.bias0": torch.ones(1)}}, path)
+    assert load_official_state_dict(path)["rpn.head.bias0"].item() == 0
+    assert load_official_state_dict(path, use_ema=True)["rpn.head.bias0"].item() == 1
+    plain = tmp_path / "plain.pth"
+    torch.save({"model": {"rpn.head.bias0": torch.zeros(1)}}, plain)
+    with pytest.raises(CheckpointMismatchError, match="model_ema"):
+        load_official_state_dict(plain, use_ema=True)
