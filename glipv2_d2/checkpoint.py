@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from torch import Tensor
 
 OFFICIAL_PREFIX_RULES: tuple[tuple[str, str], ...] = (
@@ -166,3 +167,44 @@ def save_detectron2_checkpoint(state_dict: Mapping[str, Tensor], path: str | Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": {k: v.contiguous() for k, v in state_dict.items()}, "__author__": "glipv2_d2"}, path)
+
+
+def looks_official(state_dict: Mapping[str, Tensor]) -> bool:
+    """True for maskrcnn_benchmark-layout keys (GLIP / GLIPv2 releases), with or without "module."."""
+    return any(k.removeprefix("module.").startswith(("rpn.head.", "language_backbone.body.")) for k in state_dict)
+
+
+class GLIPv2Checkpointer(DetectionCheckpointer):
+    """Detectron2's checkpointer that also reads official GLIP files and can refuse partial loads.
+
+    An official checkpoint given as MODEL.WEIGHTS is converted on the fly (same strict renaming as
+    tools/convert_glip_checkpoint.py). With `strict=True` (inference), any missing, unexpected or
+    mis-shaped key is an error listing the keys instead of a logged warning.
+    """
+
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", *, strict: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.strict = strict
+
+    def _load_file(self, filename: str) -> dict:
+        loaded = super()._load_file(filename)
+        state = loaded.get("model", loaded) if isinstance(loaded, Mapping) else loaded
+        if isinstance(state, Mapping) and looks_official(state):
+            official = _strip_data_parallel(state)
+            verify_cell_anchors(official, list(self.model.anchor_generator.cell_anchors.buffers()))
+            return {"model": convert_official_state_dict(official), "__author__": "GLIP (converted)"}
+        return loaded
+
+    def _load_model(self, checkpoint: dict):
+        incompatible = super()._load_model(checkpoint)
+        if self.strict and incompatible is not None:
+            problems = [
+                f"{name} ({len(keys)}): {list(keys)[:20]}"
+                for name, keys in (("missing", incompatible.missing_keys),
+                                   ("unexpected", incompatible.unexpected_keys),
+                                   ("wrong shape", incompatible.incorrect_shapes))
+                if keys
+            ]
+            if problems:
+                raise CheckpointMismatchError("checkpoint does not match the model: " + "; ".join(problems))
+        return incompatible

@@ -12,6 +12,7 @@ from detectron2.modeling import build_model
 from glipv2_d2 import add_glipv2_config
 from glipv2_d2.checkpoint import (
     CheckpointMismatchError,
+    GLIPv2Checkpointer,
     convert_official_state_dict,
     is_ignored_official_key,
     official_to_model_key,
@@ -89,7 +90,6 @@ def test_official_file_converts_and_loads_through_detectron2(glip_t_model, tmp_p
     assert convert_main(["--config-file", str(REPO / "configs/glipv2_T.yaml"),
                          "--input", str(source), "--output", str(target)]) == 0
 
-    DetectionCheckpointer(model).load(str(target))
     row_of = {key: index + 1 for index, (key, _, _) in enumerate(rows)}
     params = dict(model.named_parameters())
     samples = {
@@ -105,8 +105,23 @@ def test_official_file_converts_and_loads_through_detectron2(glip_t_model, tmp_p
         "rpn.head.bias0": "head.bias0",
         "rpn.head.scales.4.scale": "head.scales.4.scale",
     }
-    for official_key, our_key in samples.items():
-        assert torch.all(params[our_key] == row_of[official_key]), our_key
+    for load in (lambda: DetectionCheckpointer(model).load(str(target)),
+                 lambda: GLIPv2Checkpointer(model, strict=True).load(str(source))):
+        for p in params.values():
+            p.data.zero_()
+        load()
+        for official_key, our_key in samples.items():
+            assert torch.all(params[our_key] == row_of[official_key]), our_key
+
+
+def test_strict_loading_names_missing_keys(glip_t_model, tmp_path):
+    _, model = glip_t_model
+    state = model.state_dict()
+    del state["head.bias_lang"]
+    path = tmp_path / "partial.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointMismatchError, match="head.bias_lang"):
+        GLIPv2Checkpointer(model, strict=True).load(str(path))
 
 
 def test_wrong_anchors_are_refused(glip_t_model, tmp_path):

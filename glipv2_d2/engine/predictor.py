@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from transformers import PreTrainedTokenizerBase
 
+from ..checkpoint import GLIPv2Checkpointer
 from ..data.image_io import array_to_bgr, read_image
 from ..data.prompts import (
     chunk_categories,
@@ -78,6 +78,9 @@ def build_prompt_chunks(
 class GLIPv2Predictor:
     """Build a GLIPv2 model from `cfg`, load cfg.MODEL.WEIGHTS, and run it on images with prompts.
 
+    MODEL.WEIGHTS may be a converted file or an official GLIP checkpoint; either must match the
+    model key for key.
+
     Inputs are image paths or numpy arrays (BGR like Detectron2's DefaultPredictor, unless
     `input_format="RGB"`); every image may have its own prompt. Outputs are Instances in the
     input image's pixels with pred_boxes, scores, pred_classes (the label ids of the prompt) and
@@ -88,7 +91,7 @@ class GLIPv2Predictor:
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
         if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            GLIPv2Checkpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
         self.resize = build_test_resize(cfg)
         self.batch_size = batch_size
         self.max_len = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
