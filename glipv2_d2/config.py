@@ -83,4 +83,34 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.ATSS.DETECTIONS_PER_IMG = 100  # detections kept per image (ties at the cut kept)
 
     cfg.TEST.PROMPT_CHUNK_SIZE = 0  # categories per prompt at evaluation (0: as many as fit)
+    cfg.TEST.LVIS_FIXED_AP = False  # LVIS "fixed AP": top 10,000 detections per category over the split
+
+    cfg.MODEL.ATSS.REG_LOSS_WEIGHT = 2.0  # weight of the GIoU box loss
+    cfg.MODEL.ATSS.FOCAL_ALPHA = 0.25  # alpha of the token sigmoid focal loss
+    cfg.MODEL.ATSS.FOCAL_GAMMA = 2.0  # gamma of the token sigmoid focal loss
+    cfg.MODEL.ATSS.TOKEN_LOSS_WEIGHT = 1.0  # weight of the region-word focal loss (L_intra)
+    cfg.MODEL.ATSS.CENTERNESS_LOSS_WEIGHT = 1.0  # weight of the centerness BCE
+
+    cfg.DATASETS.MAX_NEGATIVE_CATEGORIES = 85  # negative categories sampled into a training prompt
+    cfg.DATASETS.SEPARATOR = ". "  # between category names of a detection prompt
+    cfg.DATASETS.FULL_NEGATIVES_PROB = 0.5  # chance a prompt gets all MAX_NEGATIVE_CATEGORIES (else 1..max)
+    cfg.DATASETS.SHUFFLE_PROMPT = True  # random category order in training prompts
+    cfg.DATALOADER.SEED = 0  # base seed of the resumable sampler and the per-sample augmentation RNG
+
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW (official GLIP) or SGD
+    cfg.SOLVER.LANG_LR = 1e-5  # learning rate of the text encoder (rest: SOLVER.BASE_LR)
+    cfg.SOLVER.BASE_LR = 1e-4
+    cfg.SOLVER.WEIGHT_DECAY = 0.05
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY_BIAS = 0.0
+    cfg.SOLVER.STEP_FRACTIONS = []  # LR decay points as fractions of MAX_ITER (overrides STEPS)
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"  # norm of all gradients together, as GLIP
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+    cfg.SOLVER.AMP.PRECISION = "float16"  # autocast dtype of AMP training: float16 or bfloat16
+    cfg.SOLVER.EMA = CN()
+    cfg.SOLVER.EMA.ENABLED = False  # keep an exponential moving average of the weights
+    cfg.SOLVER.EMA.DECAY = 0.999  # EMA decay per iteration
+    cfg.SOLVER.EMA.EVAL_WITH_EMA = True  # evaluate the EMA weights when EMA is enabled
+    cfg.SOLVER.FREEZE_PREFIXES = []  # parameter-name prefixes kept frozen (prompt tuning, linear probe)
     return cfg

@@ -20,6 +20,13 @@ Conventions, following the official GLIP code (maskrcnn_benchmark at 9dda955):
   them, so the ATSS token targets and the focal loss use BINARY rows; inference uses only the token
   index lists (scores are averaged over a category's tokens). ``token_map_to_positive_map``
   therefore returns binary rows by default; ``normalize=True`` gives the official normalised form.
+* Training prompts for detection data (``sample_detection_prompt``) follow the official
+  ``check_for_positive_overflow`` + ``convert_object_detection_to_grounding_optimized_for_od``:
+  positives first, in random order, kept while their tokens fit (the boxes of the others are then
+  dropped by the caller); negatives drawn from the whole vocabulary (positives removed, so an image
+  gets slightly fewer than the drawn number), kept while they fit what is left; the kept labels in
+  random order. The budget counts each name with its separator ("dog. "), as the official code
+  does; the assembled caption is then measured exactly, so it never needs truncating.
 * Free-form captions: the official demo finds noun phrases with NLTK, whose tagger data cannot be
   fetched offline. ``locate_phrases`` deliberately does no linguistic parsing: the caller names the
   phrases (located in the caption) or gives their spans; with neither, the whole caption is one
@@ -29,8 +36,9 @@ Conventions, following the official GLIP code (maskrcnn_benchmark at 9dda955):
 from __future__ import annotations
 
 import logging
+import random
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
@@ -44,6 +52,7 @@ __all__ = [
     "detection_query",
     "locate_phrases",
     "positive_map_to_token_map",
+    "sample_detection_prompt",
     "spans_to_token_map",
     "token_map_to_positive_map",
     "token_map_to_token_labels",
@@ -332,6 +341,100 @@ def detection_query(
     caption, spans = build_labeled_prompt(items, separator)
     tokenized = tokenize_prompts(tokenizer, [caption], max_len, pad_to_max)
     return caption, tokenized, spans_to_token_map(tokenized, spans, max_len, caption=caption)
+
+
+def _name_costs(
+    tokenizer: PreTrainedTokenizerBase, names: Mapping[Label, str], labels: Sequence[Label], separator: str
+) -> list[int]:
+    if not labels:
+        return []
+    texts = [clean_category_name(names[label]) + separator for label in labels]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _fit_prefix(labels: Sequence[Label], costs: Sequence[int], budget: int) -> tuple[list[Label], int]:
+    """Longest prefix of ``labels`` whose costs fit ``budget`` (official: stop at the first overflow)."""
+    kept: list[Label] = []
+    used = 0
+    for label, cost in zip(labels, costs):
+        if used + cost > budget:
+            break
+        kept.append(label)
+        used += cost
+    return kept, used
+
+
+def sample_detection_prompt(
+    positive_labels: Iterable[Label],
+    all_names: Mapping[Label, str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    max_negatives: int,
+    rng: random.Random,
+    shuffle: bool = True,
+    separator: str = DEFAULT_SEPARATOR,
+    *,
+    full_negatives_prob: float = 1.0,
+) -> tuple[str, dict[Label, list[Span]], list[Label]]:
+    """Training prompt of a detection image: its categories plus sampled negatives, within ``max_len``.
+
+    Returns (caption, {label: [span]} for every prompted label, the positive labels that fit, in
+    prompt order); boxes of positives missing from the last list must be dropped, since the prompt
+    cannot name them. Negatives: with probability ``full_negatives_prob`` ``max_negatives`` labels
+    are drawn, otherwise a uniform count in 1..``max_negatives`` (official CONTROL_PROB); labels that
+    are positives are then removed. ``shuffle=False`` keeps the vocabulary's order (and keeps the
+    first positives that fit). All randomness comes from ``rng``, so a seeded ``rng`` reproduces the
+    prompt. A prompt cannot be empty: with no positive and no negative, one random negative is used.
+    """
+    if not all_names:
+        raise ValueError("sample_detection_prompt: the category vocabulary is empty")
+    if not 0.0 <= full_negatives_prob <= 1.0:
+        raise ValueError(f"full_negatives_prob must be in [0, 1], got {full_negatives_prob}")
+    budget = max_len - tokenizer.num_special_tokens_to_add(pair=False)
+    if budget < 1:
+        raise ValueError(f"max_len={max_len} leaves no room for a category name")
+    order = {label: i for i, label in enumerate(all_names)}
+    positives = list(dict.fromkeys(positive_labels))
+    unknown = [label for label in positives if label not in order]
+    if unknown:
+        raise KeyError(f"positive labels {unknown} are not in the vocabulary of {len(all_names)} categories")
+    positive_set = set(positives)
+
+    if shuffle:
+        rng.shuffle(positives)
+    else:
+        positives.sort(key=order.__getitem__)
+    kept, used = _fit_prefix(positives, _name_costs(tokenizer, all_names, positives, separator), budget)
+
+    full = min(max(max_negatives, 0), len(all_names))
+    draw_full = rng.random() < full_negatives_prob
+    count = full if draw_full or full == 0 else rng.randint(1, full)
+    negatives = [label for label in rng.sample(list(all_names), count) if label not in positive_set]
+    if not kept and not negatives:
+        spare = [label for label in all_names if label not in positive_set]
+        negatives = [rng.choice(spare)] if spare else []
+    if not shuffle:
+        negatives.sort(key=order.__getitem__)
+    kept_negatives, _ = _fit_prefix(negatives, _name_costs(tokenizer, all_names, negatives, separator), budget - used)
+    if not kept and not kept_negatives:
+        label = (positives or negatives)[0]
+        raise ValueError(f"category {label!r} ({all_names[label]!r}) alone does not fit max_len={max_len}")
+
+    labels = kept + kept_negatives
+    if shuffle:
+        rng.shuffle(labels)
+    else:
+        labels.sort(key=order.__getitem__)
+    while True:
+        caption, spans = build_labeled_prompt([(label, all_names[label]) for label in labels], separator)
+        length = _prompt_length(tokenizer, caption)
+        if length <= max_len:
+            break
+        if len(labels) == 1:
+            raise ValueError(f"category {labels[0]!r} ({all_names[labels[0]]!r}) alone needs {length} tokens")
+        # Only reached with tokenizers whose per-name counts are not additive: drop negatives first.
+        labels.remove(next((label for label in reversed(labels) if label not in positive_set), labels[-1]))
+    return caption, spans, [label for label in labels if label in positive_set]
 
 
 def _find_phrase(caption: str, phrase: str) -> Span:
