@@ -12,6 +12,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage, has_event_storage
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -20,6 +21,7 @@ from .box_coder import LegacyBoxCoder
 from .dense_head import GroundingPredictionHead
 from .fusion import VLDyHeadTower
 from .language import build_language_backbone, build_tokenizer
+from .losses import GroundingATSSLoss
 from .postprocessing import ATSSPostProcessor
 
 
@@ -59,6 +61,7 @@ class GLIPv2(nn.Module):
         anchor_generator: LegacyAnchorGenerator,
         box_coder: LegacyBoxCoder,
         post_processor: ATSSPostProcessor,
+        loss: GroundingATSSLoss,
         pixel_mean: tuple[float, ...],
         pixel_std: tuple[float, ...],
         max_query_len: int,
@@ -74,6 +77,7 @@ class GLIPv2(nn.Module):
         self.anchor_generator = anchor_generator
         self.box_coder = box_coder
         self.post_processor = post_processor
+        self.loss = loss
         self.max_query_len = max_query_len
         self.pad_to_max_query_len = pad_to_max_query_len
         self.input_format = input_format
@@ -129,6 +133,16 @@ class GLIPv2(nn.Module):
                 nms_thresh=atss.NMS_TH,
                 detections_per_img=atss.DETECTIONS_PER_IMG,
             ),
+            "loss": GroundingATSSLoss(
+                box_coder=box_coder,
+                topk=atss.TOPK,
+                reg_loss_weight=atss.REG_LOSS_WEIGHT,
+                token_loss_weight=atss.TOKEN_LOSS_WEIGHT,
+                centerness_loss_weight=atss.CENTERNESS_LOSS_WEIGHT,
+                focal_alpha=atss.FOCAL_ALPHA,
+                focal_gamma=atss.FOCAL_GAMMA,
+                max_query_len=cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
+            ),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
@@ -157,15 +171,34 @@ class GLIPv2(nn.Module):
         )
 
     def encode_text(self, batched_inputs: list[dict]) -> EncodedText:
-        """Run the text encoder once per distinct caption and gather the rows back per image."""
+        """Run the text encoder once per distinct caption and gather the rows back per image.
+
+        Captions a data mapper already tokenized ("input_ids") are padded here, not re-tokenized.
+        """
         captions = [_caption_of(x, i) for i, x in enumerate(batched_inputs)]
         distinct = list(dict.fromkeys(captions))
-        tokens = self.tokenize(distinct)
-        input_ids = tokens["input_ids"].to(self.device)
-        mask = tokens["attention_mask"].to(self.device)
+        first = [batched_inputs[captions.index(c)] for c in distinct]
+        if all("input_ids" in x for x in first):
+            input_ids, mask = self._pad_token_ids([x["input_ids"] for x in first])
+        else:
+            tokens = self.tokenize(distinct)
+            input_ids = tokens["input_ids"].to(self.device)
+            mask = tokens["attention_mask"].to(self.device)
         encoded = self.language_backbone(input_ids, mask)
         rows = torch.tensor([distinct.index(c) for c in captions], device=self.device)
         return EncodedText(encoded["hidden"][rows], mask[rows], input_ids[rows])
+
+    def _pad_token_ids(self, sequences: list[Tensor]) -> tuple[Tensor, Tensor]:
+        longest = max(len(ids) for ids in sequences)
+        length = self.max_query_len if self.pad_to_max_query_len else longest
+        if longest > self.max_query_len:
+            raise ValueError(f"a tokenized caption has {longest} tokens, more than MAX_QUERY_LEN={self.max_query_len}")
+        input_ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = ids
+            mask[row, : len(ids)] = 1
+        return input_ids.to(self.device), mask.to(self.device)
 
     def run_network(self, images: ImageList, text: EncodedText) -> NetworkOutputs:
         """Backbone, fusion tower and prediction head on a preprocessed batch."""
@@ -181,12 +214,28 @@ class GLIPv2(nn.Module):
             centerness=predictions["centerness"],
         )
 
-    def forward(self, batched_inputs: list[dict]) -> list[dict]:
-        if self.training:
-            raise NotImplementedError(
-                "GLIPv2 training losses (ATSS + token focal loss) are not built yet; use eval() for inference"
-            )
-        return self.inference(batched_inputs)
+    def forward(self, batched_inputs: list[dict]) -> list[dict] | dict[str, Tensor]:
+        """Training: the loss dict (inputs need "instances" with gt_boxes and positive_map).
+        Inference: see `inference`."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        text = self.encode_text(batched_inputs)
+        outputs = self.run_network(images, text)
+        num_tokens = text.mask.shape[1]
+        gt_boxes, positive_maps = [], []
+        for i, x in enumerate(batched_inputs):
+            if "instances" not in x:
+                raise ValueError(f"training input {i} ({x.get('file_name', 'no file name')}) has no 'instances'")
+            instances = x["instances"].to(self.device)
+            gt_boxes.append(instances.gt_boxes.tensor)
+            positive_maps.append(_pad_columns(instances.positive_map.float(), num_tokens))
+        losses = self.loss(
+            self.anchor_generator(outputs.features), gt_boxes, positive_maps,
+            outputs.logits, outputs.bbox_reg, outputs.centerness, text.mask,
+        )
+        _check_finite(losses)
+        return losses
 
     def inference(self, batched_inputs: list[dict], do_postprocess: bool = True) -> list[dict]:
         """Detections per image: Instances(pred_boxes, scores, pred_classes) in input-image pixels.
@@ -221,6 +270,22 @@ def rescale_instances(instances: Instances, height: int, width: int) -> Instance
     result = Instances((height, width), **instances.get_fields())
     result.pred_boxes.scale(width / in_w, height / in_h)
     return result
+
+
+def _pad_columns(positive_map: Tensor, num_tokens: int) -> Tensor:
+    """Widen a (boxes, tokens-of-this-caption) map to the batch's token count with zeros."""
+    if positive_map.shape[1] > num_tokens:
+        raise ValueError(f"positive_map has {positive_map.shape[1]} token columns, the batch only {num_tokens}")
+    return torch.nn.functional.pad(positive_map, (0, num_tokens - positive_map.shape[1]))
+
+
+def _check_finite(losses: dict[str, Tensor]) -> None:
+    """Stop at the first NaN/Inf loss, naming the term and the iteration, instead of training on."""
+    bad = [name for name, value in losses.items() if not torch.isfinite(value).all()]
+    if bad:
+        where = f" at iteration {get_event_storage().iter}" if has_event_storage() else ""
+        values = {name: float(losses[name]) for name in bad}
+        raise FloatingPointError(f"loss term(s) {values} became NaN/Inf{where}; training stopped")
 
 
 def _caption_of(x: dict, index: int) -> str:
