@@ -1,4 +1,6 @@
 # Two entry points for a fresh machine (see README.md):
+#   make quickstart - install into .venv, generate the synthetic data, train the small model on the
+#                     CPU, evaluate it with COCOEvaluator and draw predictions on val images
 #   make demo   - install into .venv, then run the detector on an embedded image and prompt
 #   make test   - install into .venv, then run the test suite
 # Every target is idempotent: a second run reuses .venv and only installs what is missing.
@@ -7,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint benchmark
+.PHONY: install quickstart demo test lint benchmark
 
 $(STAMP): requirements.txt setup.py scripts/install_detectron2.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,12 @@ $(STAMP): requirements.txt setup.py scripts/install_detectron2.sh
 	touch $(STAMP)
 
 install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) tools/train_net.py --config-file configs/quickstart/train.yaml
+	$(PY) tools/demo.py --config-file configs/quickstart/train.yaml --dataset glipv2_synthetic_val \
+		--input datasets/glipv2_synthetic/val --max-images 4 --output output/quickstart/demo \
+		MODEL.WEIGHTS output/quickstart/model_final.pth
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --config-file configs/quickstart/demo.yaml --builtin-image astronaut \

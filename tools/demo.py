@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
+from detectron2.data import MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
 from glipv2_d2 import add_glipv2_config
 from glipv2_d2.checkpoint import CheckpointMismatchError
+from glipv2_d2.data.datasets import register_all_glipv2_datasets
 from glipv2_d2.engine.predictor import GLIPv2Predictor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -36,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     text = parser.add_mutually_exclusive_group(required=True)
     text.add_argument("--categories", help="comma-separated category names (detection prompt)")
     text.add_argument("--caption", help="a free-form sentence to ground")
+    text.add_argument("--dataset", help="use the category names of this registered dataset as the prompt")
     parser.add_argument("--phrases", help="comma-separated phrases of --caption to ground (default: all of it)")
+    parser.add_argument("--max-images", type=int, default=0, help="process at most this many inputs (0: all)")
     parser.add_argument("--output", required=True, help="folder for <image>.png and <image>.json")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="draw boxes scoring at least this")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
@@ -100,7 +104,11 @@ def draw(image_bgr: np.ndarray, instances, score_threshold: float) -> np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    prompt = split_list(args.categories) if args.categories else args.caption
+    if args.dataset:
+        register_all_glipv2_datasets()
+        prompt = list(MetadataCatalog.get(args.dataset).thing_classes)
+    else:
+        prompt = split_list(args.categories) if args.categories else args.caption
     phrases = split_list(args.phrases)
     if phrases and not args.caption:
         print("error: --phrases only applies to --caption", file=sys.stderr)
@@ -111,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             named = [(args.builtin_image, builtin_image(args.builtin_image))]
         else:
             named = [(path.stem, path) for path in list_images(args.input)]
+        if args.max_images > 0:
+            named = named[: args.max_images]
         out_dir = Path(args.output)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, image in named:
