@@ -17,7 +17,7 @@ from torch import nn
 from ..checkpoint import GLIPv2Checkpointer
 from ..data.build import build_resumable_train_loader
 from ..data.mappers import DetectionGroundingMapper
-from ..evaluation import PromptedDetector
+from ..evaluation import LVISFixedAPEvaluator, PromptedDetector
 from .ema import EMAHook, ModelEMA
 from .optimization import build_glipv2_optimizer, freeze_parameters
 
@@ -76,7 +76,10 @@ class GLIPv2Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
+        """COCO AP, or for LVIS-type sets LVIS AP (fixed AP when cfg.TEST.LVIS_FIXED_AP)."""
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        if evaluator_type == "lvis" and cfg.TEST.LVIS_FIXED_AP:
+            return LVISFixedAPEvaluator(dataset_name, output_dir=output_folder)
         if evaluator_type == "lvis":
             return LVISEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder,
                                  max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)

@@ -2,7 +2,8 @@
 
 Registered lazily (nothing is read or generated until DatasetCatalog.get) under the root
 $DETECTRON2_DATASETS (default "datasets"): glipv2_coco_2017_{train,val}, glipv2_lvis_v1_{train,val}
-(+ minival when present) and glipv2_synthetic_{train,val,heldout}.
+(+ minival when present), glipv2_synthetic_{train,val,heldout} and glipv2_synthetic_lvis_val (the
+synthetic val split in LVIS format).
 """
 
 import os
@@ -13,6 +14,7 @@ from .coco_lvis import (
     register_coco_and_lvis,
     register_grounding_coco,
 )
+from .synthetic_lvis import coco_to_lvis, register_synthetic_lvis
 from .synthetic_shapes import (
     HELDOUT_CATEGORY_IDS,
     SYNTHETIC_CATEGORIES,
@@ -23,12 +25,14 @@ from .synthetic_shapes import (
 __all__ = [
     "HELDOUT_CATEGORY_IDS",
     "SYNTHETIC_CATEGORIES",
+    "coco_to_lvis",
     "datasets_root",
     "generate_synthetic_shapes",
     "load_grounding_coco_json",
     "register_coco_and_lvis",
     "register_all_glipv2_datasets",
     "register_grounding_coco",
+    "register_synthetic_lvis",
     "register_synthetic_shapes",
 ]
 
@@ -39,6 +43,7 @@ def register_all_glipv2_datasets(root: str | os.PathLike | None = None) -> None:
     root = str(root) if root is not None else datasets_root()
     register_coco_and_lvis(root)
     register_synthetic_shapes(os.path.join(root, "glipv2_synthetic"))
+    register_synthetic_lvis("val")
 
 
 register_all_glipv2_datasets()
