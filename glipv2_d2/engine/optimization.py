@@ -26,12 +26,18 @@ def with_full_model_clipping(optimizer_cls: type[torch.optim.Optimizer], max_nor
     return FullModelGradientClipping
 
 
-def text_encoder_lr_factor(cfg: CfgNode):
-    """Learning-rate factor per parameter name: LANG_LR / BASE_LR for the text encoder."""
-    factor = cfg.SOLVER.LANG_LR / cfg.SOLVER.BASE_LR
+def parameter_lr_factor(cfg: CfgNode):
+    """Learning-rate factor per parameter name, as official GLIP's make_optimizer:
+    LANG_LR / BASE_LR for the text encoder, BACKBONE_BODY_LR_FACTOR for the Swin body."""
+    text_factor = cfg.SOLVER.LANG_LR / cfg.SOLVER.BASE_LR
+    body_factor = cfg.SOLVER.BACKBONE_BODY_LR_FACTOR
 
     def lr_factor(name: str) -> float:
-        return factor if name.startswith("language_backbone.") else 1.0
+        if name.startswith("language_backbone."):
+            return text_factor
+        if name.startswith("backbone.bottom_up."):
+            return body_factor
+        return 1.0
 
     return lr_factor
 
@@ -43,7 +49,7 @@ def build_glipv2_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimi
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-        lr_factor_func=text_encoder_lr_factor(cfg),
+        lr_factor_func=parameter_lr_factor(cfg),
     )
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
