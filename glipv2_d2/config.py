@@ -100,6 +100,9 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW (official GLIP) or SGD
     cfg.SOLVER.LANG_LR = 1e-5  # learning rate of the text encoder (rest: SOLVER.BASE_LR)
     cfg.SOLVER.BACKBONE_BODY_LR_FACTOR = 1.0  # Swin body learning rate = BASE_LR x this
+    # BERT layers of the fusion tower: learning rate = BASE_LR x this. Randomly initialised, they
+    # collapse every token onto one vector when trained far above GLIP's 1e-4 (quick start: 0.1).
+    cfg.SOLVER.FUSION_TEXT_LR_FACTOR = 1.0
     cfg.SOLVER.BASE_LR = 1e-4
     cfg.SOLVER.WEIGHT_DECAY = 0.05
     cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0

@@ -16,6 +16,7 @@ def _group_of(optimizer, param):
 def test_learning_rates_and_weight_decay_per_parameter():
     cfg = tiny_cfg()
     cfg.SOLVER.BASE_LR, cfg.SOLVER.LANG_LR, cfg.SOLVER.BACKBONE_BODY_LR_FACTOR = 1e-4, 1e-5, 3.0
+    cfg.SOLVER.FUSION_TEXT_LR_FACTOR = 0.5
     cfg.SOLVER.WEIGHT_DECAY = 0.05
     model = build_model(cfg)
     optimizer = build_glipv2_optimizer(cfg, model)
@@ -23,6 +24,8 @@ def test_learning_rates_and_weight_decay_per_parameter():
     text = _group_of(optimizer, params["language_backbone.model.encoder.layer.0.attention.self.query.weight"])
     body = _group_of(optimizer, params["backbone.bottom_up.layers.0.blocks.0.attn.qkv.weight"])
     head = _group_of(optimizer, params["head.dot_product_projection_text.weight"])
+    fusion_text = _group_of(optimizer, params["fusion.layers.1.text_layer.attention.self.query.weight"])
+    assert fusion_text["lr"] == pytest.approx(5e-5)
     norm = _group_of(optimizer, params["fusion.layers.0.b_attn.layer_norm_v.weight"])
     bias = _group_of(optimizer, params["head.bbox_pred.bias"])
     assert (text["lr"], body["lr"], head["lr"]) == pytest.approx((1e-5, 3e-4, 1e-4))

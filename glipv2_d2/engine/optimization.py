@@ -28,15 +28,19 @@ def with_full_model_clipping(optimizer_cls: type[torch.optim.Optimizer], max_nor
 
 def parameter_lr_factor(cfg: CfgNode):
     """Learning-rate factor per parameter name, as official GLIP's make_optimizer:
-    LANG_LR / BASE_LR for the text encoder, BACKBONE_BODY_LR_FACTOR for the Swin body."""
+    LANG_LR / BASE_LR for the text encoder, BACKBONE_BODY_LR_FACTOR for the Swin body; plus
+    FUSION_TEXT_LR_FACTOR for the BERT layers inside the fusion tower (1 in official GLIP)."""
     text_factor = cfg.SOLVER.LANG_LR / cfg.SOLVER.BASE_LR
     body_factor = cfg.SOLVER.BACKBONE_BODY_LR_FACTOR
+    fusion_text_factor = cfg.SOLVER.FUSION_TEXT_LR_FACTOR
 
     def lr_factor(name: str) -> float:
         if name.startswith("language_backbone."):
             return text_factor
         if name.startswith("backbone.bottom_up."):
             return body_factor
+        if name.startswith("fusion.") and ".text_layer." in name:
+            return fusion_text_factor
         return 1.0
 
     return lr_factor
