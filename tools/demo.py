@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, image in named:
             instances = predictor(image, prompt, phrases=phrases)
-            bgr = image if isinstance(image, np.ndarray) else predictor._load(image, "BGR")
+            bgr = image if isinstance(image, np.ndarray) else predictor.load_image(image)
             Image.fromarray(draw(bgr, instances, args.score_threshold)).save(out_dir / f"{name}.png")
             record = {"image": str(image) if isinstance(image, Path) else name, "prompt": prompt,
                       "detections": detections_to_json(instances)}

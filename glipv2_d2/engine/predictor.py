@@ -100,7 +100,7 @@ class GLIPv2Predictor:
     def __call__(self, image: ImageInput, prompt: PromptInput, phrases: Sequence[str] | None = None,
                  spans: Sequence | None = None, input_format: str = "BGR") -> Instances:
         chunks = build_prompt_chunks(self.model.tokenizer, prompt, self.max_len, self.chunk_size, phrases, spans)
-        return self._predict([self._load(image, input_format)], [chunks])[0]
+        return self._predict([self.load_image(image, input_format)], [chunks])[0]
 
     def predict_batch(self, images: Sequence[ImageInput], prompts: Sequence[PromptInput],
                       input_format: str = "BGR") -> list[Instances]:
@@ -108,9 +108,10 @@ class GLIPv2Predictor:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
         chunks = [build_prompt_chunks(self.model.tokenizer, p, self.max_len, self.chunk_size) for p in prompts]
-        return self._predict([self._load(im, input_format) for im in images], chunks)
+        return self._predict([self.load_image(im, input_format) for im in images], chunks)
 
-    def _load(self, image: ImageInput, input_format: str) -> np.ndarray:
+    def load_image(self, image: ImageInput, input_format: str = "BGR") -> np.ndarray:
+        """A path or array -> the HxWx3 uint8 BGR image the predictor feeds the model."""
         if isinstance(image, (str, Path)):
             return read_image(image, format="BGR")
         return array_to_bgr(image, input_format)

@@ -160,14 +160,13 @@ class GLIPv2(nn.Module):
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def tokenize(self, captions: list[str]):
-        """Tokenize with the model's tokenizer and padding policy (offsets kept for token maps)."""
+        """Tokenize with the model's tokenizer and padding policy."""
         return self.tokenizer(
             captions,
             max_length=self.max_query_len,
             padding="max_length" if self.pad_to_max_query_len else "longest",
             truncation=True,
             return_tensors="pt",
-            return_offsets_mapping=True,
         )
 
     def encode_text(self, batched_inputs: list[dict]) -> EncodedText:
