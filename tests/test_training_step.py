@@ -81,3 +81,28 @@ def test_training_input_without_instances_is_named():
     batch[1]["file_name"] = "scene_1.png"
     with pytest.raises(ValueError, match="scene_1.png"):
         model(batch)
+
+
+def _without_randomness(cfg):
+    """Dropout and drop-path draw different masks for differently shaped text, so turn them off."""
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.0
+    cfg.MODEL.DYHEAD.FUSION.DROPOUT = 0.0
+    model = build_model(cfg).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def test_training_losses_equal_with_official_max_length_padding():
+    """Pre-tokenized captions padded to the batch's longest prompt give the official 256-style losses
+    (including the "no object" token quirk, which lands on a masked column)."""
+    model = _without_randomness(tiny_cfg())
+    cfg = tiny_cfg()
+    cfg.MODEL.LANGUAGE_BACKBONE.PAD_MAX = True
+    padded = _without_randomness(cfg)
+    padded.load_state_dict(model.state_dict())
+    batch = tiny_batch(model)
+    dynamic, fixed = model(batch), padded(batch)
+    for name in dynamic:
+        torch.testing.assert_close(fixed[name], dynamic[name], rtol=1e-5, atol=1e-5)

@@ -8,12 +8,14 @@ MODEL.LANGUAGE_BACKBONE.PAD_MAX asks for the official fixed length.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage, has_event_storage
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from .anchor_generator import LegacyAnchorGenerator
@@ -31,7 +33,6 @@ class EncodedText:
 
     hidden: Tensor  # (B, T, H) last-layer states fed to the fusion tower
     mask: Tensor  # (B, T) 1 on real tokens
-    input_ids: Tensor  # (B, T)
 
 
 @dataclass
@@ -59,7 +60,6 @@ class GLIPv2(nn.Module):
         fusion: VLDyHeadTower,
         head: GroundingPredictionHead,
         anchor_generator: LegacyAnchorGenerator,
-        box_coder: LegacyBoxCoder,
         post_processor: ATSSPostProcessor,
         loss: GroundingATSSLoss,
         pixel_mean: tuple[float, ...],
@@ -75,7 +75,6 @@ class GLIPv2(nn.Module):
         self.fusion = fusion
         self.head = head
         self.anchor_generator = anchor_generator
-        self.box_coder = box_coder
         self.post_processor = post_processor
         self.loss = loss
         self.max_query_len = max_query_len
@@ -125,7 +124,6 @@ class GLIPv2(nn.Module):
                 aspect_ratios=atss.ASPECT_RATIOS,
                 scales_per_octave=atss.SCALES_PER_OCTAVE,
             ),
-            "box_coder": box_coder,
             "post_processor": ATSSPostProcessor(
                 box_coder=box_coder,
                 score_thresh=atss.INFERENCE_TH,
@@ -185,18 +183,17 @@ class GLIPv2(nn.Module):
             mask = tokens["attention_mask"].to(self.device)
         encoded = self.language_backbone(input_ids, mask)
         rows = torch.tensor([distinct.index(c) for c in captions], device=self.device)
-        return EncodedText(encoded["hidden"][rows], mask[rows], input_ids[rows])
+        return EncodedText(encoded["hidden"][rows], mask[rows])
 
     def _pad_token_ids(self, sequences: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Right-pad 1-D token id tensors to the batch's longest (or MAX_QUERY_LEN with PAD_MAX)."""
         longest = max(len(ids) for ids in sequences)
-        length = self.max_query_len if self.pad_to_max_query_len else longest
         if longest > self.max_query_len:
             raise ValueError(f"a tokenized caption has {longest} tokens, more than MAX_QUERY_LEN={self.max_query_len}")
-        input_ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for row, ids in enumerate(sequences):
-            input_ids[row, : len(ids)] = ids
-            mask[row, : len(ids)] = 1
+        extra = self.max_query_len - longest if self.pad_to_max_query_len else 0
+        input_ids = F.pad(pad_sequence(sequences, batch_first=True, padding_value=self.tokenizer.pad_token_id),
+                          (0, extra), value=self.tokenizer.pad_token_id)
+        mask = F.pad(pad_sequence([torch.ones_like(ids) for ids in sequences], batch_first=True), (0, extra))
         return input_ids.to(self.device), mask.to(self.device)
 
     def run_network(self, images: ImageList, text: EncodedText) -> NetworkOutputs:
@@ -275,7 +272,7 @@ def _pad_columns(positive_map: Tensor, num_tokens: int) -> Tensor:
     """Widen a (boxes, tokens-of-this-caption) map to the batch's token count with zeros."""
     if positive_map.shape[1] > num_tokens:
         raise ValueError(f"positive_map has {positive_map.shape[1]} token columns, the batch only {num_tokens}")
-    return torch.nn.functional.pad(positive_map, (0, num_tokens - positive_map.shape[1]))
+    return F.pad(positive_map, (0, num_tokens - positive_map.shape[1]))
 
 
 def _check_finite(losses: dict[str, Tensor]) -> None:
