@@ -23,7 +23,9 @@ OFFICIAL_PREFIX_RULES: tuple[tuple[str, str], ...] = (
     (r"^rpn\.head\.dyhead_tower\.(\d+)\.", "fusion.layers.{tower}."),
     (r"^rpn\.head\.mlm_head\.", "mlm_head."),
     (r"^rpn\.head\.", "head."),
-    (r"^rpn\.loss_evaluator\.", "inter_image_loss."),
+    (r"^rpn\.loss_evaluator\.shallow_contrastive_projection_image\.", "inter_image_loss.image_projection."),
+    (r"^rpn\.loss_evaluator\.shallow_contrastive_projection_text\.", "inter_image_loss.text_projection."),
+    (r"^rpn\.loss_evaluator\.shallow_log_scale$", "inter_image_loss.log_scale"),
     (r"^roi_heads\.mask\.", "mask_head."),
 )
 
@@ -40,6 +42,12 @@ IGNORED_OFFICIAL_KEYS: dict[str, str] = {
     r"^language_backbone\.body\.model\.embeddings\.position_ids$": "constant arange buffer that newer "
     "transformers no longer saves",
 }
+
+
+# Training-only parts (L_mlm head, L_inter projections): a checkpoint may lack them (GLIP weights
+# fine-tuned with GLIPv2 losses keep their fresh initialisation) or carry them for a model built
+# without them (GLIPv2 pre-training weights evaluated); neither is a mismatch.
+OPTIONAL_MODEL_PREFIXES: tuple[str, ...] = ("mlm_head.", "inter_image_loss.")
 
 
 def official_to_model_key(key: str) -> str | None:
@@ -115,8 +123,11 @@ def convert_official_state_dict(official: Mapping[str, Tensor],
     if unmapped:
         problems.append(f"official keys with no mapping ({len(unmapped)}): {unmapped[:20]}")
     if model_state is not None:
+        converted = {
+            k: v for k, v in converted.items() if k in model_state or not k.startswith(OPTIONAL_MODEL_PREFIXES)
+        }
         extra = sorted(set(converted) - set(model_state))
-        missing = sorted(set(model_state) - set(converted))
+        missing = sorted(k for k in set(model_state) - set(converted) if not k.startswith(OPTIONAL_MODEL_PREFIXES))
         if extra:
             problems.append(f"official keys without a parameter in this model ({len(extra)}): {extra[:20]}")
         if missing:
@@ -198,10 +209,12 @@ class GLIPv2Checkpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: dict):
         incompatible = super()._load_model(checkpoint)
         if self.strict and incompatible is not None:
+            missing = [k for k in incompatible.missing_keys if not k.startswith(OPTIONAL_MODEL_PREFIXES)]
+            unexpected = [k for k in incompatible.unexpected_keys if not k.startswith(OPTIONAL_MODEL_PREFIXES)]
             problems = [
                 f"{name} ({len(keys)}): {list(keys)[:20]}"
-                for name, keys in (("missing", incompatible.missing_keys),
-                                   ("unexpected", incompatible.unexpected_keys),
+                for name, keys in (("missing", missing),
+                                   ("unexpected", unexpected),
                                    ("wrong shape", incompatible.incorrect_shapes))
                 if keys
             ]

@@ -36,7 +36,12 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def token_sigmoid_focal_loss(
-    logits: Tensor, targets: Tensor, text_mask: Tensor, alpha: float = 0.25, gamma: float = 2.0
+    logits: Tensor,
+    targets: Tensor,
+    text_mask: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    image_weights: Tensor | None = None,
 ) -> Tensor:
     """Summed binary focal loss over (image, anchor, token) entries whose token is in ``text_mask``.
 
@@ -47,10 +52,14 @@ def token_sigmoid_focal_loss(
         logits: ``(B, A, T)`` anchor-to-token logits.
         targets: ``(B, A, T)`` binary targets (bool or float).
         text_mask: ``(B, T)``; tokens with a value > 0 take part.
+        image_weights: optional ``(B,)`` factor of each image's terms (weak pseudo-box data).
     """
     logits = logits.float()
     losses = sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="none")
-    return (losses * (text_mask > 0)[:, None, :].to(losses.dtype)).sum()
+    weights = (text_mask > 0).to(losses.dtype)
+    if image_weights is not None:
+        weights = weights * image_weights[:, None].to(losses.dtype)
+    return (losses * weights[:, None, :]).sum()
 
 
 def giou_loss(pred_boxes: Tensor, target_boxes: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -150,6 +159,7 @@ class GroundingATSSLoss:
         bbox_reg: list[Tensor],
         centerness: list[Tensor],
         text_mask: Tensor,
+        image_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Losses for one batch.
 
@@ -161,6 +171,8 @@ class GroundingATSSLoss:
             bbox_reg: per level ``(B, 4, H, W)`` box deltas.
             centerness: per level ``(B, 1, H, W)`` centerness logits.
             text_mask: ``(B, T)`` attention mask of the prompt tokens.
+            image_weights: optional ``(B,)`` factor of each image's terms (1 = official); the
+                normalisers stay the official ones.
         """
         if not len(gt_boxes) == len(positive_maps) == logits[0].shape[0]:
             raise ValueError(
@@ -168,7 +180,7 @@ class GroundingATSSLoss:
                 f"{len(positive_maps)} positive_maps"
             )
         targets = self.prepare_targets(anchors, gt_boxes, positive_maps, logits[0].shape[-1])
-        return self.losses(targets, anchors, logits, bbox_reg, centerness, text_mask)
+        return self.losses(targets, anchors, logits, bbox_reg, centerness, text_mask, image_weights)
 
     @torch.no_grad()
     def prepare_targets(
@@ -226,6 +238,7 @@ class GroundingATSSLoss:
         bbox_reg: list[Tensor],
         centerness: list[Tensor],
         text_mask: Tensor,
+        image_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The loss dict for prepared targets (see ``__call__`` for the prediction layouts)."""
         with torch.autocast(device_type=logits[0].device.type, enabled=False):
@@ -238,6 +251,7 @@ class GroundingATSSLoss:
             pred_deltas = deltas.reshape(-1, 4)[pos].float()
             pred_ctr = ctr_logits.reshape(-1)[pos].float()
             ctr_targets = targets.centerness_targets
+            pos_weights = None if image_weights is None else image_weights.float()[pos // anchors_flat.shape[0]]
 
             # Both reductions run on every rank, with or without local positives, as officially.
             world_size = comm.get_world_size()
@@ -246,14 +260,14 @@ class GroundingATSSLoss:
             ctr_sum_avg = _all_reduce_sum(ctr_targets.sum()) / world_size
 
             token_loss = token_sigmoid_focal_loss(
-                token_logits, targets.token_labels, text_mask, self.focal_alpha, self.focal_gamma
+                token_logits, targets.token_labels, text_mask, self.focal_alpha, self.focal_gamma, image_weights
             )
             reg_loss = giou_loss(
                 self.box_coder.decode(pred_deltas, pos_anchors),
                 self.box_coder.decode(targets.reg_targets, pos_anchors),
-                ctr_targets,
+                ctr_targets if pos_weights is None else ctr_targets * pos_weights,
             )
-            ctr_loss = F.binary_cross_entropy_with_logits(pred_ctr, ctr_targets, reduction="sum")
+            ctr_loss = F.binary_cross_entropy_with_logits(pred_ctr, ctr_targets, weight=pos_weights, reduction="sum")
         # Without local positives both sums are empty (0, still attached to the graph), as in the
         # official code; the floor only avoids 0 / 0 when no rank has a positive.
         return {

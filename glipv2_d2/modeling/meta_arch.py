@@ -22,8 +22,11 @@ from .anchor_generator import LegacyAnchorGenerator
 from .box_coder import LegacyBoxCoder
 from .dense_head import GroundingPredictionHead
 from .fusion import VLDyHeadTower
+from .inter_image_loss import InterImageContrastiveLoss, RegionWordLabels, token_category_ids
 from .language import build_language_backbone, build_tokenizer
+from .language.build import resolve_text_model_path
 from .losses import GroundingATSSLoss
+from .mlm import MaskedLanguageModelingHead, MaskingVocabulary, load_pretrained_mlm_head, mask_tokens
 from .postprocessing import ATSSPostProcessor
 
 
@@ -33,6 +36,7 @@ class EncodedText:
 
     hidden: Tensor  # (B, T, H) last-layer states fed to the fusion tower
     mask: Tensor  # (B, T) 1 on real tokens
+    mlm_labels: Tensor | None = None  # (B, T) original ids of MLM-corrupted tokens, -100 elsewhere
 
 
 @dataclass
@@ -40,6 +44,7 @@ class NetworkOutputs:
     """Raw per-level predictions of the fused network, before any decoding."""
 
     features: list[Tensor]  # fused image levels (B, C, H, W)
+    pre_fusion_features: list[Tensor]  # FPN levels before fusion (B, C, H, W), for L_inter
     text: Tensor  # fused text states (B, T, H)
     logits: list[Tensor]  # region-word logits per level (B, H*W, T)
     bbox_reg: list[Tensor]  # box deltas per level (B, 4, H, W)
@@ -67,6 +72,14 @@ class GLIPv2(nn.Module):
         max_query_len: int,
         pad_to_max_query_len: bool,
         input_format: str = "BGR",
+        score_with_fused_text: bool = True,
+        inter_image_loss: InterImageContrastiveLoss | None = None,
+        inter_image_text: str = "pre_fusion",
+        mlm_head: MaskedLanguageModelingHead | None = None,
+        mlm_probability: float = 0.15,
+        mlm_only_positive_phrases: bool = False,
+        mlm_loss_weight: float = 1.0,
+        weak_sample_loss_weight: float = 1.0,
     ):
         super().__init__()
         self.backbone = backbone
@@ -80,6 +93,22 @@ class GLIPv2(nn.Module):
         self.max_query_len = max_query_len
         self.pad_to_max_query_len = pad_to_max_query_len
         self.input_format = input_format
+        self.score_with_fused_text = score_with_fused_text
+        if inter_image_text not in ("pre_fusion", "fused"):
+            raise ValueError(
+                f"MODEL.INTER_IMAGE_LOSS.TEXT_FEATURES must be 'pre_fusion' or 'fused', got {inter_image_text!r}"
+            )
+        self.inter_image_loss = inter_image_loss
+        self.inter_image_text = inter_image_text
+        self.mlm_head = mlm_head
+        self.mlm_vocab = (
+            None if mlm_head is None
+            else MaskingVocabulary.from_tokenizer(tokenizer, vocab_size=mlm_head.decoder.out_features)
+        )
+        self.mlm_probability = mlm_probability
+        self.mlm_only_positive_phrases = mlm_only_positive_phrases
+        self.mlm_loss_weight = mlm_loss_weight
+        self.weak_sample_loss_weight = weak_sample_loss_weight
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -103,6 +132,7 @@ class GLIPv2(nn.Module):
             use_dyrelu=dyhead.USE_DYRELU,
             use_deform=dyhead.USE_DEFORM,
             use_checkpoint=dyhead.USE_CHECKPOINT,
+            last_text_layer=dyhead.SCORE_WITH_FUSED_TEXT,
         )
         head = GroundingPredictionHead(
             in_channels=dyhead.CHANNELS,
@@ -146,6 +176,14 @@ class GLIPv2(nn.Module):
             "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
             "pad_to_max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.PAD_MAX,
             "input_format": cfg.INPUT.FORMAT,
+            "score_with_fused_text": dyhead.SCORE_WITH_FUSED_TEXT,
+            "inter_image_loss": _build_inter_image_loss(cfg, language_backbone.hidden_size),
+            "inter_image_text": cfg.MODEL.INTER_IMAGE_LOSS.TEXT_FEATURES,
+            "mlm_head": _build_mlm_head(cfg, language_backbone.model.config),
+            "mlm_probability": cfg.MODEL.MLM.PROBABILITY,
+            "mlm_only_positive_phrases": cfg.MODEL.MLM.ONLY_POSITIVE_PHRASES,
+            "mlm_loss_weight": cfg.MODEL.MLM.LOSS_WEIGHT,
+            "weak_sample_loss_weight": cfg.MODEL.WEAK_SAMPLE_LOSS_WEIGHT,
         }
 
     @property
@@ -171,6 +209,8 @@ class GLIPv2(nn.Module):
         """Run the text encoder once per distinct caption and gather the rows back per image.
 
         Captions a data mapper already tokenized ("input_ids") are padded here, not re-tokenized.
+        In training with L_mlm the distinct prompts are corrupted BERT-style before the encoder (the
+        whole forward pass then reads them, as officially); never at inference.
         """
         captions = [_caption_of(x, i) for i, x in enumerate(batched_inputs)]
         distinct = list(dict.fromkeys(captions))
@@ -181,9 +221,27 @@ class GLIPv2(nn.Module):
             tokens = self.tokenize(distinct)
             input_ids = tokens["input_ids"].to(self.device)
             mask = tokens["attention_mask"].to(self.device)
+        mlm_labels = None
+        if self.training and self.mlm_head is not None:
+            eligible = self._grounded_tokens(batched_inputs, captions, distinct, input_ids.shape)
+            input_ids, mlm_labels = mask_tokens(
+                input_ids, mask, self.mlm_vocab, probability=self.mlm_probability, eligible=eligible
+            )
         encoded = self.language_backbone(input_ids, mask)
         rows = torch.tensor([distinct.index(c) for c in captions], device=self.device)
-        return EncodedText(encoded["hidden"][rows], mask[rows])
+        return EncodedText(encoded["hidden"][rows], mask[rows], None if mlm_labels is None else mlm_labels[rows])
+
+    def _grounded_tokens(
+        self, batched_inputs: list[dict], captions: list[str], distinct: list[str], shape: torch.Size
+    ) -> Tensor | None:
+        """(distinct prompts, T) tokens of some GT's phrase, the MLM candidates with ONLY_POSITIVE_PHRASES."""
+        if not self.mlm_only_positive_phrases:
+            return None
+        eligible = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        for x, caption in zip(batched_inputs, captions):
+            grounded = x["instances"].positive_map.to(self.device).bool().any(dim=0)
+            eligible[distinct.index(caption), : grounded.shape[0]] |= grounded
+        return eligible
 
     def _pad_token_ids(self, sequences: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Right-pad 1-D token id tensors to the batch's longest (or MAX_QUERY_LEN with PAD_MAX)."""
@@ -199,11 +257,14 @@ class GLIPv2(nn.Module):
     def run_network(self, images: ImageList, text: EncodedText) -> NetworkOutputs:
         """Backbone, fusion tower and prediction head on a preprocessed batch."""
         pyramid = self.backbone(images.tensor)
-        features = [pyramid[name] for name in self.backbone.output_shape()]
-        features, fused_text = self.fusion(features, text.hidden, text.mask)
-        predictions = self.head(features, fused_text)
+        pre_fusion = [pyramid[name] for name in self.backbone.output_shape()]
+        features, fused_text = self.fusion(pre_fusion, text.hidden, text.mask)
+        # Official "embedded" text when the head scores before fusion: the encoder output, masked.
+        scored_text = fused_text if self.score_with_fused_text else text.hidden * text.mask[..., None]
+        predictions = self.head(features, scored_text)
         return NetworkOutputs(
             features=features,
+            pre_fusion_features=pre_fusion,
             text=fused_text,
             logits=predictions["logits"],
             bbox_reg=predictions["bbox_reg"],
@@ -211,7 +272,8 @@ class GLIPv2(nn.Module):
         )
 
     def forward(self, batched_inputs: list[dict]) -> list[dict] | dict[str, Tensor]:
-        """Training: the loss dict (inputs need "instances" with gt_boxes and positive_map).
+        """Training: the loss dict (inputs need "instances" with gt_boxes and positive_map; L_inter
+        also reads "task", "label_to_tokens" and "label_uids", the weak-data weight "weak").
         Inference: see `inference`."""
         if not self.training:
             return self.inference(batched_inputs)
@@ -226,12 +288,53 @@ class GLIPv2(nn.Module):
             instances = x["instances"].to(self.device)
             gt_boxes.append(instances.gt_boxes.tensor)
             positive_maps.append(_pad_columns(instances.positive_map.float(), num_tokens))
-        losses = self.loss(
-            self.anchor_generator(outputs.features), gt_boxes, positive_maps,
-            outputs.logits, outputs.bbox_reg, outputs.centerness, text.mask,
+        anchors = self.anchor_generator(outputs.features)
+        targets = self.loss.prepare_targets(anchors, gt_boxes, positive_maps, num_tokens)
+        losses = self.loss.losses(
+            targets, anchors, outputs.logits, outputs.bbox_reg, outputs.centerness, text.mask,
+            self._image_weights(batched_inputs),
         )
+        if self.inter_image_loss is not None:
+            losses["loss_inter_image"] = self.inter_image_loss(
+                outputs.pre_fusion_features,
+                text.hidden if self.inter_image_text == "pre_fusion" else outputs.text,
+                text.mask,
+                self._region_word_labels(batched_inputs, targets.matched_idxs, positive_maps, num_tokens),
+            )
+        if self.mlm_head is not None:
+            losses["loss_mlm"] = self.mlm_head(outputs.text, text.mlm_labels) * self.mlm_loss_weight
         _check_finite(losses)
         return losses
+
+    def _image_weights(self, batched_inputs: list[dict]) -> Tensor | None:
+        """Per-image loss factors: WEAK_SAMPLE_LOSS_WEIGHT for pseudo-boxed samples, else None (all 1)."""
+        if not any(x.get("weak", False) for x in batched_inputs):
+            return None
+        return torch.tensor(
+            [self.weak_sample_loss_weight if x.get("weak", False) else 1.0 for x in batched_inputs], device=self.device
+        )
+
+    def _region_word_labels(
+        self, batched_inputs: list[dict], matched_idxs: Tensor, positive_maps: list[Tensor], num_tokens: int
+    ) -> RegionWordLabels:
+        """Categories for L_inter's label propagation, as name uids shared by every dataset ("label_uids"
+        from the detection mapper; contiguous ids without it). Grounding-type samples carry none."""
+        gt_categories, token_maps, is_detection = [], [], []
+        for x in batched_inputs:
+            detection = x.get("task", "detection") == "detection"
+            uids = x.get("label_uids") or {}
+            classes = x["instances"].gt_classes.tolist() if detection else [-1] * len(x["instances"])
+            gt_categories.append(torch.tensor([uids.get(c, c) for c in classes], dtype=torch.long, device=self.device))
+            label_map = x.get("label_to_tokens", {}) if detection else {}
+            token_maps.append({uids.get(label, label): tokens for label, tokens in label_map.items()})
+            is_detection.append(detection)
+        return RegionWordLabels(
+            matched_idxs=matched_idxs,
+            positive_maps=positive_maps,
+            gt_categories=gt_categories,
+            token_categories=token_category_ids(token_maps, num_tokens, self.device),
+            is_detection=torch.tensor(is_detection, device=self.device),
+        )
 
     def inference(self, batched_inputs: list[dict], do_postprocess: bool = True) -> list[dict]:
         """Detections per image: Instances(pred_boxes, scores, pred_classes) in input-image pixels.
@@ -254,6 +357,31 @@ class GLIPv2(nn.Module):
             height, width = x.get("height", size[0]), x.get("width", size[1])
             processed.append({"instances": rescale_instances(result, height, width)})
         return processed
+
+
+def _build_inter_image_loss(cfg: CfgNode, text_dim: int) -> InterImageContrastiveLoss | None:
+    settings = cfg.MODEL.INTER_IMAGE_LOSS
+    if not settings.ENABLED:
+        return None
+    return InterImageContrastiveLoss(
+        image_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        text_dim=text_dim,
+        dim=settings.DIM,
+        max_regions=settings.MAX_REGIONS,
+        log_scale_init=settings.LOG_SCALE_INIT,
+        loss_weight=settings.WEIGHT,
+    )
+
+
+def _build_mlm_head(cfg: CfgNode, text_config) -> MaskedLanguageModelingHead | None:
+    """The MLM head, started from the text model's own LM head when it ships one."""
+    if not cfg.MODEL.MLM.ENABLED:
+        return None
+    head = MaskedLanguageModelingHead.from_text_config(text_config)
+    lang = cfg.MODEL.LANGUAGE_BACKBONE
+    if lang.LOAD_PRETRAINED and cfg.MODEL.MLM.INIT_FROM_TEXT_MODEL:
+        load_pretrained_mlm_head(head, resolve_text_model_path(lang.MODEL_PATH))
+    return head
 
 
 def rescale_instances(instances: Instances, height: int, width: int) -> Instances:

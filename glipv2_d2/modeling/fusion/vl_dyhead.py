@@ -40,7 +40,7 @@ def text_attention_mask(lang_mask: Tensor, dtype: torch.dtype, attn_implementati
 class VLDyHeadLayer(nn.Module):
     """One fusion step: bidirectional attention, a BERT layer on the text, DyConv on the image."""
 
-    def __init__(self, b_attn: BiAttentionBlock, text_layer: nn.Module, dyconv: DyConv):
+    def __init__(self, b_attn: BiAttentionBlock, text_layer: nn.Module | None, dyconv: DyConv):
         super().__init__()
         self.b_attn = b_attn
         self.text_layer = text_layer
@@ -50,8 +50,9 @@ class VLDyHeadLayer(nn.Module):
         self, features: list[Tensor], lang_hidden: Tensor, lang_mask: Tensor, text_mask: Tensor
     ) -> tuple[list[Tensor], Tensor]:
         features, lang_hidden = self.b_attn(features, lang_hidden, lang_mask)
-        out = self.text_layer(lang_hidden, text_mask)
-        lang_hidden = out[0] if isinstance(out, tuple) else out
+        if self.text_layer is not None:
+            out = self.text_layer(lang_hidden, text_mask)
+            lang_hidden = out[0] if isinstance(out, tuple) else out
         return self.dyconv(features), lang_hidden
 
 
@@ -90,7 +91,11 @@ class VLDyHeadTower(nn.Module):
         use_deform: bool = True,
         use_gn: bool = True,
         use_checkpoint: bool = False,
+        last_text_layer: bool = True,
     ):
+        """``last_text_layer=False`` leaves the last layer without its BERT layer, as the official
+        tower does when the head scores with the pre-fusion text (USE_FUSED_FEATURES_DOT_PRODUCT off).
+        """
         super().__init__()
         in_channels = channels if in_channels is None else in_channels
         init_values = 1.0 / num_layers if init_values is None else init_values
@@ -110,7 +115,7 @@ class VLDyHeadTower(nn.Module):
                 VLDyHeadLayer(
                     BiAttentionBlock(c_in, text_config.hidden_size, embed_dim, num_heads,
                                      dropout=fusion_dropout, drop_path=drop_path, init_values=init_values),
-                    BertLayer(text_config),
+                    BertLayer(text_config) if last_text_layer or i < num_layers - 1 else None,
                     DyConv(c_in, channels, use_dyrelu=use_dyrelu and same_width,
                            use_deform=use_deform and same_width, use_gn=use_gn),
                 )
