@@ -62,6 +62,9 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.DYHEAD.PRIOR_PROB = 0.01  # initial foreground probability of a region-word logit
     cfg.MODEL.DYHEAD.LOG_SCALE_INIT = 0.0  # initial log temperature of the region-word logits
     cfg.MODEL.DYHEAD.USE_CHECKPOINT = False  # gradient checkpointing of every fusion layer
+    # Region-word scores from the fused text (GLIP-T, official USE_FUSED_FEATURES_DOT_PRODUCT) or,
+    # when False, from the text encoder's output, with no BERT layer in the last fusion layer.
+    cfg.MODEL.DYHEAD.SCORE_WITH_FUSED_TEXT = True
     cfg.MODEL.DYHEAD.FUSION = CN()
     cfg.MODEL.DYHEAD.FUSION.EMBED_DIM = 2048  # width of the bidirectional attention
     cfg.MODEL.DYHEAD.FUSION.NUM_HEADS = 8  # heads of the bidirectional attention
@@ -81,6 +84,25 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.ATSS.PRE_NMS_TOP_N = 1000  # candidates kept per level before NMS
     cfg.MODEL.ATSS.NMS_TH = 0.6  # class-wise NMS IoU threshold
     cfg.MODEL.ATSS.DETECTIONS_PER_IMG = 100  # detections kept per image (ties at the cut kept)
+
+    # GLIPv2 pre-training terms (paper eq. 2); L_loc and L_intra are weighted by the MODEL.ATSS keys.
+    cfg.MODEL.INTER_IMAGE_LOSS = CN()
+    cfg.MODEL.INTER_IMAGE_LOSS.ENABLED = False  # add L_inter (official USE_SHALLOW_CONTRASTIVE_LOSS)
+    cfg.MODEL.INTER_IMAGE_LOSS.WEIGHT = 1.0  # weight of L_inter (official SHALLOW_CONTRASTIVE_LOSS_WEIGHT)
+    cfg.MODEL.INTER_IMAGE_LOSS.DIM = 64  # region / token projection width (official SHALLOW_CONTRASTIVE_HIDDEN_DIM)
+    cfg.MODEL.INTER_IMAGE_LOSS.MAX_REGIONS = 100  # regions per image (official SHALLOW_MAX_POSITIVE_ANCHORS)
+    cfg.MODEL.INTER_IMAGE_LOSS.LOG_SCALE_INIT = 0.0  # initial log temperature (official SHALLOW_LOG_SCALE)
+    # Token side of L_inter: "pre_fusion" (text encoder output, the paper §3.2) or "fused" (final
+    # fused text, what the official code does).
+    cfg.MODEL.INTER_IMAGE_LOSS.TEXT_FEATURES = "pre_fusion"
+    cfg.MODEL.MLM = CN()
+    cfg.MODEL.MLM.ENABLED = False  # add L_mlm: mask training prompts, predict them from the fused text
+    cfg.MODEL.MLM.LOSS_WEIGHT = 1.0  # weight of L_mlm (official MLM_LOSS_COEF)
+    cfg.MODEL.MLM.PROBABILITY = 0.15  # chance that a real, non-special token is chosen for corruption
+    cfg.MODEL.MLM.ONLY_POSITIVE_PHRASES = False  # mask only grounded tokens (official MLM_OBJ_FOR_ONLY_POSITIVE)
+    cfg.MODEL.MLM.INIT_FROM_TEXT_MODEL = True  # with LOAD_PRETRAINED, start from MODEL_PATH's LM head if it has one
+    # Grounding losses of samples flagged "weak" (captions with pseudo boxes) are multiplied by this.
+    cfg.MODEL.WEAK_SAMPLE_LOSS_WEIGHT = 1.0
 
     cfg.TEST.PROMPT_CHUNK_SIZE = 0  # categories per prompt at evaluation (0: as many as fit)
     cfg.TEST.LVIS_FIXED_AP = False  # LVIS "fixed AP": top 10,000 detections per category over the split
@@ -117,4 +139,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.SOLVER.EMA.DECAY = 0.999  # EMA decay per iteration
     cfg.SOLVER.EMA.EVAL_WITH_EMA = True  # evaluate the EMA weights when EMA is enabled
     cfg.SOLVER.FREEZE_PREFIXES = []  # parameter-name prefixes kept frozen (prompt tuning, linear probe)
+
+    # Mixed pre-training data (glipv2_d2/data/build.py).
+    cfg.DATASETS.TRAIN_RATIOS = []  # draw weight per DATASETS.TRAIN entry ([]: proportional to dataset sizes)
     return cfg

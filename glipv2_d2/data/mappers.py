@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -33,6 +34,7 @@ from .prompts import (
     DEFAULT_SEPARATOR,
     build_labeled_prompt,
     chunk_categories,
+    clean_category_name,
     sample_detection_prompt,
     spans_to_token_map,
     token_map_to_positive_map,
@@ -40,7 +42,7 @@ from .prompts import (
 )
 from .transforms import LegacyResizeShortestEdge, build_test_resize
 
-__all__ = ["DetectionGroundingMapper", "build_detection_augmentations"]
+__all__ = ["DetectionGroundingMapper", "build_detection_augmentations", "category_uid"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,12 @@ def build_detection_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmen
             )
         )
     return augmentations
+
+
+def category_uid(name: str) -> int:
+    """Non-negative id of a category name that every dataset shares ("person" of COCO and of
+    Objects365 alike), unlike contiguous ids; the inter-image loss compares categories across images."""
+    return zlib.crc32(clean_category_name(name).lower().encode("utf-8")) & 0x7FFFFFFF
 
 
 @contextmanager
@@ -112,10 +120,11 @@ class DetectionGroundingMapper:
     Training prompts are the image's categories plus sampled negatives in random order (see
     ``sample_detection_prompt``); boxes whose category does not fit MAX_QUERY_LEN are dropped.
     ``instances.positive_map`` is BOOLEAN (num_boxes, len(input_ids)): row i marks the tokens of box
-    i's category, the binary form the official loss consumes. Test prompts are every category in
-    dataset order; when they do not fit one prompt only the first chunk (``chunk_categories`` with
-    TEST.PROMPT_CHUNK_SIZE) is given here, and evaluation runs the other chunks itself. As in
-    Detectron2's DatasetMapper, test outputs carry no annotations.
+    i's category, the binary form the official loss consumes. "label_uids" maps each label of the
+    prompt (every box's among them) to its ``category_uid``, the category's identity across datasets.
+    Test prompts are every category in dataset order; when they do not fit one prompt only the first
+    chunk (``chunk_categories`` with TEST.PROMPT_CHUNK_SIZE) is given here, and evaluation runs the
+    other chunks itself. As in Detectron2's DatasetMapper, test outputs carry no annotations.
     """
 
     @configurable
@@ -146,6 +155,7 @@ class DetectionGroundingMapper:
         self.image_format = image_format
         self.tokenizer = tokenizer
         self.names = dict(enumerate(class_names))
+        self.label_uids = {label: category_uid(name) for label, name in self.names.items()}
         self.max_query_len = max_query_len
         self.max_negatives = max_negatives
         self.full_negatives_prob = full_negatives_prob
@@ -280,5 +290,6 @@ class DetectionGroundingMapper:
         instances.positive_map = token_map_to_positive_map(
             text["label_to_tokens"], instances.gt_classes.tolist(), len(text["input_ids"])
         ).bool()
-        dataset_dict.update(text, instances=instances)
+        label_uids = {label: self.label_uids[label] for label in text["label_to_tokens"]}
+        dataset_dict.update(text, instances=instances, label_uids=label_uids)
         return dataset_dict

@@ -1,4 +1,5 @@
-"""Detectron2 DefaultTrainer for GLIPv2: grounding data, AdamW groups, AMP dtype, EMA, exact resume."""
+"""Detectron2 DefaultTrainer for GLIPv2: mixed detection/grounding data, AdamW groups, AMP dtype, EMA,
+exact resume, and evaluation of detection sets (vocabulary prompts) and grounding sets (own captions)."""
 
 import logging
 import random
@@ -16,12 +17,20 @@ from torch import nn
 
 from ..checkpoint import GLIPv2Checkpointer
 from ..data.build import build_resumable_train_loader
+from ..data.grounding_mapper import GroundingMapper
 from ..data.mappers import DetectionGroundingMapper
-from ..evaluation import LVISFixedAPEvaluator, PromptedDetector
+from ..evaluation import Flickr30kGroundingEvaluator, LVISFixedAPEvaluator, PromptedDetector
 from .ema import EMAHook, ModelEMA
 from .optimization import build_glipv2_optimizer, freeze_parameters
 
 logger = logging.getLogger(__name__)
+
+GROUNDING_EVALUATOR_TYPE = "flickr30k"
+
+
+def is_grounding_test_set(dataset_name: str) -> bool:
+    """Phrase-grounding test sets are scored per caption (Recall@k), not with a vocabulary prompt."""
+    return MetadataCatalog.get(dataset_name).get("evaluator_type") == GROUNDING_EVALUATOR_TYPE
 
 
 class PerIterationSeed(HookBase):
@@ -64,20 +73,30 @@ class GLIPv2Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
-        loader, sampler = build_resumable_train_loader(cfg, DetectionGroundingMapper(cfg, is_train=True))
+        """Every dataset of cfg.DATASETS.TRAIN with the mapper of its task, mixed by DATASETS.TRAIN_RATIOS."""
+        loader, sampler = build_resumable_train_loader(cfg)
         loader.draw_sampler = sampler
         return loader
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=DetectionGroundingMapper(cfg, is_train=False, dataset_names=[dataset_name])
-        )
+        """Grounding sets keep each image's caption, "phrases" and "annotations" (the evaluator's
+        ground truth); detection sets get the dataset's vocabulary prompt."""
+        if is_grounding_test_set(dataset_name):
+            mapper = GroundingMapper(cfg, is_train=False)
+        else:
+            mapper = DetectionGroundingMapper(cfg, is_train=False, dataset_names=[dataset_name])
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
-        """COCO AP, or for LVIS-type sets LVIS AP (fixed AP when cfg.TEST.LVIS_FIXED_AP)."""
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        """COCO AP; for LVIS-type sets LVIS AP (fixed AP when cfg.TEST.LVIS_FIXED_AP); for Flickr30K-type
+        sets phrase-grounding Recall@k, on merged boxes when the metadata's "gt_type" is "merged" (as
+        the glipv2_flickr30k_merged_* registrations say) and on any single box otherwise."""
+        metadata = MetadataCatalog.get(dataset_name)
+        evaluator_type = metadata.get("evaluator_type", "coco")
+        if evaluator_type == GROUNDING_EVALUATOR_TYPE:
+            return Flickr30kGroundingEvaluator(merge_boxes=metadata.get("gt_type") == "merged")
         if evaluator_type == "lvis" and cfg.TEST.LVIS_FIXED_AP:
             return LVISFixedAPEvaluator(dataset_name, output_dir=output_folder)
         if evaluator_type == "lvis":
@@ -88,18 +107,27 @@ class GLIPv2Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg: CfgNode, model: nn.Module, evaluators=None):
-        """Evaluate every test set with its whole vocabulary as the (chunked) prompt."""
+        """Evaluate every test set: detection sets with their whole vocabulary as the (chunked) prompt,
+        grounding sets with each image's own caption. Results as DefaultTrainer.test: one set's
+        dict, or {dataset name: its dict} for several."""
         model = getattr(model, "module", model)
         results = {}
         for index, dataset_name in enumerate(cfg.DATASETS.TEST):
-            names = MetadataCatalog.get(dataset_name).thing_classes
-            prompted = PromptedDetector(model, names, cfg.TEST.PROMPT_CHUNK_SIZE)
             single = cfg.clone()
             single.defrost()
             single.DATASETS.TEST = (dataset_name,)
             evaluator = None if evaluators is None else [evaluators[index]]
-            results.update(super().test(single, prompted, evaluator))
-        return results
+            results[dataset_name] = super().test(single, cls._evaluated_model(cfg, model, dataset_name), evaluator)
+        return next(iter(results.values())) if len(results) == 1 else results
+
+    @staticmethod
+    def _evaluated_model(cfg: CfgNode, model: nn.Module, dataset_name: str) -> nn.Module:
+        """Grounding inputs already carry their caption and phrase label map; detection inputs get the
+        dataset's vocabulary as prompts."""
+        if is_grounding_test_set(dataset_name):
+            return model
+        names = MetadataCatalog.get(dataset_name).thing_classes
+        return PromptedDetector(model, names, cfg.TEST.PROMPT_CHUNK_SIZE)
 
     def build_hooks(self) -> list[HookBase]:
         model = getattr(self.model, "module", self.model)
