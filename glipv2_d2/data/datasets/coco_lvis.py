@@ -28,6 +28,10 @@ _COCO_SPLITS = {
     "glipv2_coco_2017_train": ("coco/train2017", "coco/annotations/instances_train2017.json"),
     "glipv2_coco_2017_val": ("coco/val2017", "coco/annotations/instances_val2017.json"),
 }
+# Objects365 v1 in COCO format (GLIP's "object365_dt_train"), the detection part of pre-training.
+_OBJECTS365_SPLITS = {
+    "glipv2_objects365_train": ("objects365/train", "objects365/annotations/objects365_train.json"),
+}
 # LVIS json files name images by coco_url; the image root is the folder holding train2017/ val2017/.
 _LVIS_SPLITS = {
     "glipv2_lvis_v1_train": ("coco/", "lvis/lvis_v1_train.json"),
@@ -137,13 +141,24 @@ def _register_lvis(name: str, json_file: str, image_root: str) -> None:
     )
 
 
+def _register_large_coco(name: str, json_file: str, image_root: str) -> None:
+    """Register a training json too large to read at import (Objects365: ~1.5 GB) when it exists;
+    Detectron2's loader sets thing_classes when the trainer loads it, before any prompt is built."""
+    _unregister(name)
+    if not os.path.isfile(json_file):
+        return
+    DatasetCatalog.register(name, lambda: load_grounding_coco_json(json_file, image_root, name, image_keys=()))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+
+
 def _unregister(name: str) -> None:
     DatasetCatalog.pop(name, None)
     MetadataCatalog.pop(name, None)
 
 
 def register_coco_and_lvis(root: str) -> None:
-    """Register COCO 2017 train/val and LVIS v1 train/val (and minival if its json is present).
+    """Register COCO 2017 train/val, LVIS v1 train/val (and minival if its json is present) and
+    Objects365 train (if its json is present).
 
     The names carry a "glipv2_" prefix so they never clash with Detectron2's builtin ones; calling
     again (e.g. with another root) replaces the previous registration of these names.
@@ -157,6 +172,8 @@ def register_coco_and_lvis(root: str) -> None:
             extra_metadata=_get_builtin_metadata("coco"),
             image_keys=(),
         )
+    for name, (image_root, json_file) in _OBJECTS365_SPLITS.items():
+        _register_large_coco(name, os.path.join(root, json_file), os.path.join(root, image_root))
     splits = dict(_LVIS_SPLITS)
     minival = [j for j in _LVIS_MINIVAL_JSONS if os.path.isfile(os.path.join(root, j))]
     if minival:

@@ -473,6 +473,9 @@ def _register_flickr30k(root: str) -> None:
             )
 
 
+_CAPTIONS_NAME = "glipv2_cap4m_train"
+
+
 def _register_goldg(root: str) -> None:
     """GoldG = MDETR's GQA/VG grounding without COCO images + Flickr30K train (GLIP's pre-training mix)."""
     _unregister(_GOLDG_NAME)
@@ -493,13 +496,27 @@ def _register_goldg(root: str) -> None:
 
 
 def register_mdetr_datasets(root: str) -> None:
-    """Register Flickr30K Entities (separate and merged boxes) and GoldG under ``root``.
+    """Register Flickr30K Entities (separate and merged boxes), GoldG and the pseudo-labelled
+    caption set ``glipv2_cap4m_train`` under ``root``.
 
     Only names whose json files exist are registered (see datasets/README.md for the tree);
     calling again re-points or removes them.
     """
     _register_flickr30k(root)
     _register_goldg(root)
+    _register_pseudo_captions(root)
+
+
+def _register_pseudo_captions(root: str, min_score: float = 0.5) -> None:
+    """GLIPv2's Cap4M stand-in: image-caption pairs boxed by a grounding model (not public; any
+    MDETR-format file with scored boxes at this path takes its place)."""
+    _unregister(_CAPTIONS_NAME)
+    json_file = os.path.join(root, "cap4m", "annotations", "train.json")
+    if os.path.isfile(json_file):
+        register_mdetr_grounding(
+            _CAPTIONS_NAME, json_file, os.path.join(root, "cap4m", "images"), task="caption", min_score=min_score,
+            extra_metadata={"thing_classes": ["object"]},
+        )
 
 
 # --- synthetic shapes as grounding and pseudo-labelled caption data ------------------------------
