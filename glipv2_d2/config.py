@@ -63,7 +63,9 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.DYHEAD.LOG_SCALE_INIT = 0.0  # initial log temperature of the region-word logits
     cfg.MODEL.DYHEAD.USE_CHECKPOINT = False  # gradient checkpointing of every fusion layer
     # Region-word scores from the fused text (GLIP-T, official USE_FUSED_FEATURES_DOT_PRODUCT) or,
-    # when False, from the text encoder's output, with no BERT layer in the last fusion layer.
+    # when False, from the text encoder's output, with no BERT layer in the last fusion layer (the
+    # last bi-attention's text branch then trains only through L_mlm: without it, multi-GPU DDP
+    # needs find_unused_parameters, as the official FIND_UNUSED_PARAMETERS).
     cfg.MODEL.DYHEAD.SCORE_WITH_FUSED_TEXT = True
     cfg.MODEL.DYHEAD.FUSION = CN()
     cfg.MODEL.DYHEAD.FUSION.EMBED_DIM = 2048  # width of the bidirectional attention
