@@ -24,7 +24,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from ..modeling.language import build_tokenizer
 from .image_io import read_image
-from .mappers import _global_rngs_from, build_detection_augmentations
+from .mappers import build_detection_augmentations, global_rngs_seeded
 from .prompts import spans_to_token_map, token_map_to_positive_map, tokenize_prompts
 
 __all__ = ["GroundingMapper", "swap_left_right"]
@@ -185,7 +185,7 @@ class GroundingMapper:
         aug_input = T.AugInput(image)
         source = self._rng if self._rng is not None else random
         rng = random.Random(source.getrandbits(64))
-        with _global_rngs_from(rng.getrandbits(32) if self._rng is not None else None):
+        with global_rngs_seeded(rng.getrandbits(32) if self._rng is not None else None):
             transforms = self.augmentations(aug_input)
         return aug_input.image, transforms
 

@@ -82,7 +82,7 @@ def category_uid(name: str) -> int:
 
 
 @contextmanager
-def _global_rngs_from(seed: int | None) -> Iterator[None]:
+def global_rngs_seeded(seed: int | None) -> Iterator[None]:
     """Let Detectron2 augmentations (global RNGs) draw from ``seed``, restoring the global state after."""
     if seed is None:
         yield
@@ -243,7 +243,7 @@ class DetectionGroundingMapper:
         image = read_image(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)
         aug_input = T.AugInput(image)
-        with _global_rngs_from(rng.getrandbits(32) if self._rng is not None else None):
+        with global_rngs_seeded(rng.getrandbits(32) if self._rng is not None else None):
             transforms = self.augmentations(aug_input)
         image = aug_input.image
         image_hw = image.shape[:2]
