@@ -3,8 +3,10 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 def reference_dir() -> Path:
@@ -41,3 +43,22 @@ def params_via_converter(params: dict, official_prefix: str, module_prefix: str)
         assert target is not None and target.startswith(module_prefix), (key, target)
         renamed[target.removeprefix(module_prefix)] = value
     return renamed
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One OpenMP thread for a module's heavier tests: on a CPU shared with other jobs the threads
+    spin against them, and one thread is far faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def half_red_half_blue_png(path: Path, height: int, width: int) -> str:
+    """Write an image whose left half is red and right half blue: a horizontal flip shows in the pixels."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 2, 0] = 255
+    pixels[:, width // 2 :, 2] = 255
+    Image.fromarray(pixels).save(path)
+    return str(path)

@@ -27,13 +27,7 @@ LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 MODEL_INPUT_KEYS = ("image", "height", "width")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """On a CPU shared with other jobs, OpenMP threads spin against them: one thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

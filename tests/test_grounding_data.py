@@ -3,13 +3,11 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
-from PIL import Image
 
 from glipv2_d2.config import add_glipv2_config
 from glipv2_d2.data.datasets.mdetr import (
@@ -21,6 +19,8 @@ from glipv2_d2.data.datasets.mdetr import (
 )
 from glipv2_d2.data.grounding_mapper import GroundingMapper, swap_left_right
 from glipv2_d2.modeling.language import build_tokenizer
+
+from .conftest import half_red_half_blue_png
 
 WIDTH, HEIGHT = 64, 48
 GOATS = "Two girls feed a goat while the goat eats ."  # "Two girls" [0, 9), "a goat" [15, 21), "the goat" [28, 36)
@@ -268,13 +268,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory):
-    """Left half red, right half blue: a horizontal flip is visible in the pixels."""
-    pixels = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
-    pixels[:, : WIDTH // 2, 0] = 255
-    pixels[:, WIDTH // 2 :, 2] = 255
-    path = tmp_path_factory.mktemp("images") / "grounding.png"
-    Image.fromarray(pixels).save(path)
-    return str(path)
+    return half_red_half_blue_png(tmp_path_factory.mktemp("images") / "grounding.png", HEIGHT, WIDTH)
 
 
 def _cfg(**overrides):
@@ -283,12 +277,7 @@ def _cfg(**overrides):
     cfg.INPUT.MIN_SIZE_TRAIN = (HEIGHT,)
     cfg.INPUT.MIN_SIZE_TEST = HEIGHT
     cfg.INPUT.RANDOM_FLIP = "none"
-    for key, value in overrides.items():
-        node = cfg
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    cfg.merge_from_list([item for pair in overrides.items() for item in pair])
     return cfg
 
 

@@ -21,13 +21,7 @@ NUM_IMAGES = 3
 RECALLS = ("R@1", "R@5", "R@10")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """On a CPU shared with other jobs, OpenMP threads spin against them: one thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,12 +8,13 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
-from PIL import Image
 
 from glipv2_d2.config import add_glipv2_config
 from glipv2_d2.data.mappers import DetectionGroundingMapper
 from glipv2_d2.data.prompts import clean_category_name, sample_detection_prompt
 from glipv2_d2.modeling.language import build_tokenizer
+
+from .conftest import half_red_half_blue_png
 
 NAMES = [
     "person",
@@ -51,24 +52,13 @@ def _cfg(**overrides):
     cfg.DATASETS.TEST = (DATASET,)
     cfg.INPUT.MIN_SIZE_TRAIN = (HEIGHT,)  # keeps the synthetic image at its size unless a test says
     cfg.INPUT.MIN_SIZE_TEST = HEIGHT
-    for key, value in overrides.items():
-        node = cfg
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    cfg.merge_from_list([item for pair in overrides.items() for item in pair])
     return cfg
 
 
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory):
-    """Left half red, right half blue: a horizontal flip is visible in the pixels."""
-    pixels = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
-    pixels[:, : WIDTH // 2, 0] = 255
-    pixels[:, WIDTH // 2 :, 2] = 255
-    path = tmp_path_factory.mktemp("images") / "synthetic.png"
-    Image.fromarray(pixels).save(path)
-    return str(path)
+    return half_red_half_blue_png(tmp_path_factory.mktemp("images") / "synthetic.png", HEIGHT, WIDTH)
 
 
 def _record(image_file, boxes_and_labels, **extra):

@@ -27,13 +27,7 @@ CAPTION = "glipv2_synthetic_caption_train"
 REORDERED = "glipv2_test_reordered_synthetic_train"  # DETECTION with its class list reversed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """On a CPU shared with other jobs, OpenMP threads spin against them: one thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _reversed_ids(records: list[dict], num_classes: int) -> list[dict]:

@@ -24,13 +24,7 @@ BERT_VOCAB = MaskingVocabulary(mask_token_id=MASK, special_token_ids=(PAD, UNK, 
 SPECIALS = torch.tensor(BERT_VOCAB.special_token_ids)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """On a CPU shared with other jobs, OpenMP threads spin against them: one thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def prompt_batch(batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

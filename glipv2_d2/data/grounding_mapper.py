@@ -23,8 +23,7 @@ from detectron2.utils.logger import log_every_n_seconds
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from ..modeling.language import build_tokenizer
-from .image_io import read_image
-from .mappers import build_detection_augmentations, global_rngs_seeded
+from .mappers import build_detection_augmentations, read_and_augment, sample_rng, transformed_instances
 from .prompts import spans_to_token_map, token_map_to_positive_map, tokenize_prompts
 
 __all__ = ["GroundingMapper", "swap_left_right"]
@@ -178,17 +177,6 @@ class GroundingMapper:
             "seed": seed,
         }
 
-    def _augment(self, dataset_dict: dict) -> tuple[np.ndarray, T.TransformList]:
-        """Detection mapper's scheme: a seeded mapper draws each sample's RNG state from its own stream."""
-        image = read_image(dataset_dict["file_name"], self.image_format)
-        utils.check_image_size(dataset_dict, image)
-        aug_input = T.AugInput(image)
-        source = self._rng if self._rng is not None else random
-        rng = random.Random(source.getrandbits(64))
-        with global_rngs_seeded(rng.getrandbits(32) if self._rng is not None else None):
-            transforms = self.augmentations(aug_input)
-        return aug_input.image, transforms
-
     def _instances(
         self,
         annotations: list[dict],
@@ -197,13 +185,9 @@ class GroundingMapper:
         positive_map: torch.Tensor,
     ) -> Instances:
         """Transformed, clipped boxes with their positive-map rows; empty boxes removed with their rows."""
-        keep_masks = self.use_instance_mask and all("segmentation" in obj for obj in annotations)
-        for obj in annotations:
-            if not keep_masks:
-                obj.pop("segmentation", None)
-            obj.pop("keypoints", None)
-        annotations = [utils.transform_instance_annotations(obj, transforms, image_hw) for obj in annotations]
-        instances = utils.annotations_to_instances(annotations, image_hw, mask_format=self.instance_mask_format)
+        instances = transformed_instances(
+            annotations, transforms, image_hw, self.use_instance_mask, self.instance_mask_format
+        )
         instances.positive_map = positive_map
         return utils.filter_empty_instances(instances)
 
@@ -265,7 +249,9 @@ class GroundingMapper:
         original_caption = dataset_dict.get("caption")
         if not isinstance(original_caption, str) or not original_caption.strip():
             raise ValueError(f"{_where(dataset_dict)}: a grounding record needs a non-empty 'caption'")
-        image, transforms = self._augment(dataset_dict)
+        image, transforms = read_and_augment(
+            dataset_dict, self.image_format, self.augmentations, sample_rng(self._rng), seeded=self._rng is not None
+        )
         image_hw = image.shape[:2]
         move = None
         caption = original_caption

@@ -42,7 +42,14 @@ from .prompts import (
 )
 from .transforms import LegacyResizeShortestEdge, build_test_resize
 
-__all__ = ["DetectionGroundingMapper", "build_detection_augmentations", "category_uid"]
+__all__ = [
+    "DetectionGroundingMapper",
+    "build_detection_augmentations",
+    "category_uid",
+    "read_and_augment",
+    "sample_rng",
+    "transformed_instances",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +102,43 @@ def global_rngs_seeded(seed: int | None) -> Iterator[None]:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+
+
+def sample_rng(mapper_rng: random.Random | None) -> random.Random:
+    """One generator per sample, drawn from the mapper's own stream when it has one (``seed=``),
+    else from Python's global generator (seeded per draw or per worker by the loader)."""
+    return random.Random((mapper_rng if mapper_rng is not None else random).getrandbits(64))
+
+
+def read_and_augment(
+    dataset_dict: dict, image_format: str, augmentations: T.AugmentationList, rng: random.Random, seeded: bool
+) -> tuple[np.ndarray, T.TransformList]:
+    """Read the image, check its recorded size and augment it; a ``seeded`` mapper makes the global
+    generators Detectron2's augmentations draw from follow ``rng``."""
+    image = read_image(dataset_dict["file_name"], image_format)
+    utils.check_image_size(dataset_dict, image)
+    aug_input = T.AugInput(image)
+    with global_rngs_seeded(rng.getrandbits(32) if seeded else None):
+        transforms = augmentations(aug_input)
+    return aug_input.image, transforms
+
+
+def transformed_instances(
+    annotations: list[dict],
+    transforms: T.TransformList,
+    image_hw: tuple[int, int],
+    use_instance_mask: bool,
+    mask_format: str,
+) -> Instances:
+    """Transformed, clipped boxes (and masks when every box has one: Instances cannot hold a
+    partial field), in annotation order; the caller filters empty ones after adding its fields."""
+    keep_masks = use_instance_mask and all("segmentation" in obj for obj in annotations)
+    for obj in annotations:
+        if not keep_masks:
+            obj.pop("segmentation", None)
+        obj.pop("keypoints", None)
+    annotations = [utils.transform_instance_annotations(obj, transforms, image_hw) for obj in annotations]
+    return utils.annotations_to_instances(annotations, image_hw, mask_format=mask_format)
 
 
 def _dataset_classes(cfg: CfgNode, is_train: bool, dataset_names: Sequence[str] | None) -> list[str]:
@@ -225,27 +269,17 @@ class DetectionGroundingMapper:
     def _instances(self, annotations: list[dict], transforms: T.TransformList, image_hw: tuple[int, int]) -> Instances:
         """Transformed, clipped non-crowd boxes; empty ones (e.g. wholly outside the image) removed."""
         annotations = [obj for obj in annotations if obj.get("iscrowd", 0) == 0]
-        # Masks only when every box has one: Instances cannot hold a partial mask field.
-        keep_masks = self.use_instance_mask and all("segmentation" in obj for obj in annotations)
-        for obj in annotations:
-            if not keep_masks:
-                obj.pop("segmentation", None)
-            obj.pop("keypoints", None)
-        annotations = [utils.transform_instance_annotations(obj, transforms, image_hw) for obj in annotations]
-        instances = utils.annotations_to_instances(annotations, image_hw, mask_format=self.instance_mask_format)
+        instances = transformed_instances(
+            annotations, transforms, image_hw, self.use_instance_mask, self.instance_mask_format
+        )
         return utils.filter_empty_instances(instances)
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        source = self._rng if self._rng is not None else random
-        rng = random.Random(source.getrandbits(64))
-
-        image = read_image(dataset_dict["file_name"], self.image_format)
-        utils.check_image_size(dataset_dict, image)
-        aug_input = T.AugInput(image)
-        with global_rngs_seeded(rng.getrandbits(32) if self._rng is not None else None):
-            transforms = self.augmentations(aug_input)
-        image = aug_input.image
+        rng = sample_rng(self._rng)
+        image, transforms = read_and_augment(
+            dataset_dict, self.image_format, self.augmentations, rng, seeded=self._rng is not None
+        )
         image_hw = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         dataset_dict["task"] = "detection"
