@@ -106,3 +106,22 @@ def test_training_losses_equal_with_official_max_length_padding():
     dynamic, fixed = model(batch), padded(batch)
     for name in dynamic:
         torch.testing.assert_close(fixed[name], dynamic[name], rtol=1e-5, atol=1e-5)
+
+
+def test_model_without_fusion_layers_trains():
+    """NUM_LAYERS 0 (the head on the FPN, no VL-DyHead tower: the fusion ablation) builds and learns."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.MODEL.DYHEAD.NUM_LAYERS = 0
+    model = build_model(cfg).train()
+    assert len(model.fusion.layers) == 0
+    batch = tiny_batch(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    totals = []
+    for _ in range(10):
+        total = sum(model(batch).values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        totals.append(float(total))
+    assert totals[-1] < 0.8 * totals[0], totals

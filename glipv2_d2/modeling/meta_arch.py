@@ -117,7 +117,7 @@ class GLIPv2(nn.Module):
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
         language_backbone = build_language_backbone(cfg)
         dyhead, atss = cfg.MODEL.DYHEAD, cfg.MODEL.ATSS
-        layer_scale = dyhead.FUSION.LAYER_SCALE_INIT or 1.0 / dyhead.NUM_LAYERS
+        layer_scale = dyhead.FUSION.LAYER_SCALE_INIT or 1.0 / max(dyhead.NUM_LAYERS, 1)
         fusion = VLDyHeadTower(
             num_layers=dyhead.NUM_LAYERS,
             channels=dyhead.CHANNELS,

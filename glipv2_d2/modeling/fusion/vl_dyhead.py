@@ -98,7 +98,7 @@ class VLDyHeadTower(nn.Module):
         """
         super().__init__()
         in_channels = channels if in_channels is None else in_channels
-        init_values = 1.0 / num_layers if init_values is None else init_values
+        init_values = 1.0 / max(num_layers, 1) if init_values is None else init_values
         self.use_checkpoint = use_checkpoint
 
         text_config = copy.deepcopy(lang_config)
