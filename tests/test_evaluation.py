@@ -164,15 +164,16 @@ def fixed_ap_directly(image_ids: list[int], instances: list[Instances], k: int =
 
 def test_chunked_prompts_equal_one_prompt_per_chunk(model):
     names = list(MetadataCatalog.get(LVIS_VAL).thing_classes)
-    assert len(build_prompt_chunks(model.tokenizer, names, model.max_query_len, 10)) == 4
-    results, recorder = run_test(eval_cfg(LVIS_VAL, chunk_size=10, fixed_ap=True), model)
+    chunk_size = 4
+    assert len(build_prompt_chunks(model.tokenizer, names, model.max_query_len, chunk_size)) == 3
+    results, recorder = run_test(eval_cfg(LVIS_VAL, chunk_size=chunk_size, fixed_ap=True), model)
     assert type(recorder.inner) is LVISFixedAPEvaluator
 
     inputs = [x for batch, _ in recorder.batches for x in batch]
     evaluated = instances_of(recorder.batches)
-    expected = chunks_one_by_one(model, inputs, names, 10)
+    expected = chunks_one_by_one(model, inputs, names, chunk_size)
     for got, want in zip(evaluated, expected, strict=True):
-        assert set(want.pred_classes.tolist()) - set(range(30)), "the last chunk detected nothing"
+        assert set(want.pred_classes.tolist()) - set(range(2 * chunk_size)), "the last chunk detected nothing"
         torch.testing.assert_close(got.pred_boxes.tensor, want.pred_boxes.tensor)
         torch.testing.assert_close(got.scores, want.scores)
         assert torch.equal(got.pred_classes, want.pred_classes)

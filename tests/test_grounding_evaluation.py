@@ -15,7 +15,9 @@ from glipv2_d2.evaluation import Flickr30kGroundingEvaluator
 
 from .tiny_model import tiny_cfg
 
-SUBSET = "glipv2_test_grounding_val_subset"  # the first images of glipv2_synthetic_grounding_val
+# the first images of glipv2_synthetic_grounding_val whose phrases each have one box, so that
+# ground-truth predictions are perfect under both protocols (multi-box phrases: test_flickr30k_evaluator)
+SUBSET = "glipv2_test_grounding_val_subset"
 MERGED = "glipv2_test_grounding_val_merged"  # the same images, marked as merged-boxes ground truth
 NUM_IMAGES = 3
 RECALLS = ("R@1", "R@5", "R@10")
@@ -27,18 +29,24 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module", autouse=True)
 def grounding_val(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    register_synthetic_shapes(root=root, num_train=2, num_val=4, num_heldout=1)
-    register_synthetic_grounding(root=root, num_train=2, num_val=4, num_heldout=1)
-    source = "glipv2_synthetic_grounding_val"
+    register_synthetic_shapes(root=root, num_train=2, num_val=12, num_heldout=1)
+    register_synthetic_grounding(root=root, num_train=2, num_val=12, num_heldout=1)
+    records = [r for r in DatasetCatalog.get("glipv2_synthetic_grounding_val") if _one_box_per_phrase(r)]
+    assert len(records) >= NUM_IMAGES
     for name, gt_type in ((SUBSET, "separate"), (MERGED, "merged")):
-        DatasetCatalog.register(name, lambda: DatasetCatalog.get(source)[:NUM_IMAGES])
+        DatasetCatalog.register(name, lambda: records[:NUM_IMAGES])
         MetadataCatalog.get(name).set(evaluator_type="flickr30k", gt_type=gt_type)
-    yield {record["image_id"]: record for record in DatasetCatalog.get(source)[:NUM_IMAGES]}
+    yield {record["image_id"]: record for record in records[:NUM_IMAGES]}
     for name in (SUBSET, MERGED):
         DatasetCatalog.pop(name)
         MetadataCatalog.pop(name)
     register_synthetic_shapes()
     register_synthetic_grounding()
+
+
+def _one_box_per_phrase(record: dict) -> bool:
+    phrase_ids = [p for anno in record["annotations"] for p in anno["phrase_ids"]]
+    return len(phrase_ids) == len(set(phrase_ids))
 
 
 def eval_cfg(*datasets: str):
