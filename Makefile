@@ -24,7 +24,7 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) tools/train_net.py --config-file configs/quickstart/train.yaml
 	$(PY) tools/demo.py --config-file configs/quickstart/train.yaml --dataset glipv2_synthetic_val \
-		--input datasets/glipv2_synthetic/val --max-images 4 --output output/quickstart/demo \
+		--input datasets/glipv2_synthetic/val --max-images 4 --output output/quickstart/demo --score-threshold 0.45 \
 		MODEL.WEIGHTS output/quickstart/model_final.pth
 
 demo: $(STAMP)
