@@ -117,7 +117,6 @@ class GLIPv2(nn.Module):
         backbone = build_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
         language_backbone = build_language_backbone(cfg)
         dyhead, atss = cfg.MODEL.DYHEAD, cfg.MODEL.ATSS
-        layer_scale = dyhead.FUSION.LAYER_SCALE_INIT or 1.0 / max(dyhead.NUM_LAYERS, 1)
         fusion = VLDyHeadTower(
             num_layers=dyhead.NUM_LAYERS,
             channels=dyhead.CHANNELS,
@@ -127,7 +126,7 @@ class GLIPv2(nn.Module):
             num_heads=dyhead.FUSION.NUM_HEADS,
             fusion_dropout=dyhead.FUSION.DROPOUT,
             drop_path=dyhead.FUSION.DROP_PATH,
-            init_values=layer_scale,
+            init_values=dyhead.FUSION.LAYER_SCALE_INIT or None,  # 0: the tower's 1 / num_layers
             use_gn=dyhead.USE_GN,
             use_dyrelu=dyhead.USE_DYRELU,
             use_deform=dyhead.USE_DEFORM,

@@ -98,6 +98,7 @@ class VLDyHeadTower(nn.Module):
         """
         super().__init__()
         in_channels = channels if in_channels is None else in_channels
+        # a tower without layers (the no-fusion ablation) has no layer scale to set
         init_values = 1.0 / max(num_layers, 1) if init_values is None else init_values
         self.use_checkpoint = use_checkpoint
 
