@@ -22,9 +22,10 @@ $(STAMP): requirements.txt setup.py scripts/install_detectron2.sh
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) tools/train_net.py --config-file configs/quickstart/train.yaml
-	$(PY) tools/demo.py --config-file configs/quickstart/train.yaml --dataset glipv2_synthetic_val \
-		--input datasets/glipv2_synthetic/val --max-images 4 --output output/quickstart/demo --score-threshold 0.45 \
+	$(PY) projects/GLIPv2/train_net.py --config-file configs/quickstart/train.yaml
+	$(PY) tools/demo.py --config-file configs/quickstart/train.yaml \
+		--categories-json datasets/glipv2_synthetic/annotations/val.json --input datasets/glipv2_synthetic/val \
+		--max-images 4 --output output/quickstart/demo --score-threshold 0.45 \
 		MODEL.WEIGHTS output/quickstart/model_final.pth
 
 demo: $(STAMP)

@@ -7,7 +7,9 @@ setup(
     version="0.1.0",
     description="GLIPv2 grounded vision-language model as a Detectron2 extension",
     python_requires=">=3.10",
-    packages=find_packages(include=["glipv2_d2", "glipv2_d2.*"]),
+    # The quick start's synthetic data lives with its project, outside the library, and installs beside it.
+    packages=[*find_packages(include=["glipv2_d2", "glipv2_d2.*"]), "glipv2_quickstart"],
+    package_dir={"glipv2_quickstart": "projects/GLIPv2/glipv2_quickstart"},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

@@ -160,7 +160,7 @@ def verify_cell_anchors(official: Mapping[str, Tensor], model_cell_anchors: list
         if not torch.allclose(anchors.float(), model_cell_anchors[level].float().cpu()):
             raise CheckpointMismatchError(
                 f"anchor level {level} differs: checkpoint {anchors.tolist()} vs config "
-                f"{model_cell_anchors[level].tolist()} (check MODEL.ATSS.ANCHOR_SIZES / ANCHOR_STRIDES)"
+                f"{model_cell_anchors[level].tolist()} (check MODEL.ATSS.ANCHOR_SIZES and the backbone strides)"
             )
 
 

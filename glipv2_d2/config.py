@@ -1,24 +1,48 @@
-"""Config keys of glipv2-d2, added on top of Detectron2's defaults.
+"""Config of glipv2-d2: the keys it adds to Detectron2's, and the one way every tool resolves a file.
 
-Defaults describe GLIP-T / GLIPv2-T (Swin-T, bert-base-uncased, six VL-DyHead layers) so that a
-config file only states what differs from the paper's tiny model.
+The added keys' defaults describe GLIP-T / GLIPv2-T (Swin-T, bert-base-uncased, six VL-DyHead
+layers) so that a config file only states what differs from the paper's tiny model. Detectron2
+keys whose defaults GLIPv2 changes (meta-architecture, backbone, normalisation, solver) are set in
+configs/Base-GLIPv2.yaml, which every config file derives from.
 """
 
 import math
+import os
+from collections.abc import Sequence
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_glipv2_config", "setup_cfg"]
+
+
+def setup_cfg(config_file: str | os.PathLike, opts: Sequence[str] = (), *, freeze: bool = True) -> CN:
+    """The config training, evaluation, the demo and the benchmark all run with: Detectron2's
+    defaults, the GLIPv2 keys, `config_file`, then `opts` (KEY VALUE pairs), with
+    SOLVER.STEP_FRACTIONS turned into SOLVER.STEPS. Frozen unless `freeze` is False."""
+    cfg = add_glipv2_config(get_cfg())
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    _resolve_step_fractions(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def _resolve_step_fractions(cfg: CN) -> None:
+    """SOLVER.STEPS from SOLVER.STEP_FRACTIONS of MAX_ITER, so a recipe keeps its schedule shape
+    when MAX_ITER is overridden; without fractions STEPS is left as given."""
+    fractions = tuple(cfg.SOLVER.STEP_FRACTIONS)
+    if not fractions:
+        return
+    if not all(0.0 < f < 1.0 for f in fractions):
+        raise ValueError(f"SOLVER.STEP_FRACTIONS must lie in (0, 1), got {fractions}")
+    cfg.SOLVER.STEPS = tuple(int(f * cfg.SOLVER.MAX_ITER) for f in fractions)
 
 
 def add_glipv2_config(cfg: CN) -> CN:
-    """Add every GLIPv2 key, with its default, to a Detectron2 config (in place; also returned)."""
-    cfg.MODEL.META_ARCHITECTURE = "GLIPv2"
-    cfg.MODEL.BACKBONE.NAME = "build_swin_fpn_p6p7_backbone"
-    # Official GLIP normalisation: BGR 0..255 images with these per-channel statistics.
-    cfg.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
-    cfg.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]
-    cfg.INPUT.FORMAT = "BGR"
-    cfg.INPUT.MIN_SIZE_TEST = 800
-    cfg.INPUT.MAX_SIZE_TEST = 1333
+    """Add every GLIPv2 key, with its default, to a Detectron2 config (in place; also returned).
+    Only adds: Detectron2's own keys keep their values (configs/Base-GLIPv2.yaml sets GLIPv2's)."""
     # Resize with maskrcnn_benchmark's size rule (int truncation, rounded max-size clamp) so that
     # images reach the network at exactly the official sizes; False uses Detectron2's rule.
     cfg.INPUT.LEGACY_RESIZE = True
@@ -35,8 +59,6 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.SWIN.OUT_FEATURES = ["p1", "p2", "p3"]  # Swin stages fed to the FPN (strides 8, 16, 32)
     cfg.MODEL.SWIN.FROZEN_STAGES = -1  # freeze patch embedding + this many stages (-1: none)
     cfg.MODEL.SWIN.USE_CHECKPOINT = False  # gradient checkpointing inside Swin blocks
-    cfg.MODEL.FPN.IN_FEATURES = ["p1", "p2", "p3"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 256
 
     cfg.MODEL.LANGUAGE_BACKBONE = CN()
     cfg.MODEL.LANGUAGE_BACKBONE.NAME = "build_bert_language_backbone"  # LANGUAGE_BACKBONE_REGISTRY key
@@ -76,7 +98,6 @@ def add_glipv2_config(cfg: CN) -> CN:
 
     cfg.MODEL.ATSS = CN()
     cfg.MODEL.ATSS.ANCHOR_SIZES = [64, 128, 256, 512, 1024]  # anchor side per level
-    cfg.MODEL.ATSS.ANCHOR_STRIDES = [8, 16, 32, 64, 128]  # stride of P3..P7
     cfg.MODEL.ATSS.ASPECT_RATIOS = [1.0]  # anchor aspect ratios (one anchor per location)
     cfg.MODEL.ATSS.SCALES_PER_OCTAVE = 1  # anchor scales per octave
     cfg.MODEL.ATSS.TOPK = 9  # ATSS candidates per level and ground-truth box (training)
@@ -119,7 +140,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.DATASETS.SEPARATOR = ". "  # between category names of a detection prompt
     cfg.DATASETS.FULL_NEGATIVES_PROB = 0.5  # chance a prompt gets all MAX_NEGATIVE_CATEGORIES (else 1..max)
     cfg.DATASETS.SHUFFLE_PROMPT = True  # random category order in training prompts
-    cfg.DATALOADER.SEED = 0  # base seed of the resumable sampler and the per-sample augmentation RNG
+    cfg.DATALOADER.SEED = 0  # base seed of the training data order, each sample's and each step's randomness
 
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # ADAMW (official GLIP) or SGD
     cfg.SOLVER.LANG_LR = 1e-5  # learning rate of the text encoder (rest: SOLVER.BASE_LR)
@@ -127,14 +148,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     # BERT layers of the fusion tower: learning rate = BASE_LR x this. Randomly initialised, they
     # collapse every token onto one vector when trained far above GLIP's 1e-4 (quick start: 0.1).
     cfg.SOLVER.FUSION_TEXT_LR_FACTOR = 1.0
-    cfg.SOLVER.BASE_LR = 1e-4
-    cfg.SOLVER.WEIGHT_DECAY = 0.05
-    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
-    cfg.SOLVER.WEIGHT_DECAY_BIAS = 0.0
     cfg.SOLVER.STEP_FRACTIONS = []  # LR decay points as fractions of MAX_ITER (overrides STEPS)
-    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"  # norm of all gradients together, as GLIP
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
     cfg.SOLVER.AMP.PRECISION = "float16"  # autocast dtype of AMP training: float16 or bfloat16
     cfg.SOLVER.EMA = CN()
     cfg.SOLVER.EMA.ENABLED = False  # keep an exponential moving average of the weights
@@ -144,4 +158,10 @@ def add_glipv2_config(cfg: CN) -> CN:
 
     # Mixed pre-training data (glipv2_d2/data/build.py).
     cfg.DATASETS.TRAIN_RATIOS = []  # draw weight per DATASETS.TRAIN entry ([]: proportional to dataset sizes)
+
+    # Composition of the meta-architecture from registered parts (anchor strides and widths come
+    # from the backbone's output shapes).
+    cfg.MODEL.GLIPV2 = CN()
+    cfg.MODEL.GLIPV2.FUSION = "VLDyHeadTower"  # FUSION_REGISTRY name of the image-text fusion module
+    cfg.MODEL.GLIPV2.TASK_HEADS = []  # TASK_HEAD_REGISTRY names of extra heads (masks, answers, captions, ...)
     return cfg

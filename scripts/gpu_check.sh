@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, for a lent GPU machine that has torch/torchvision/transformers but no
-# detectron2 (see shared/ENVIRONMENT.md). Expects .d2whl/ (carried, git-ignored) to hold the
+# detectron2. Expects .d2whl/ (carried, git-ignored) to hold the
 # sal-detectron2 wheel, the wheels of detectron2's small dependencies and a bert_tokenizer/ folder
 # (vocab.txt, tokenizer.json). Writes results under $OUT.
 set -euo pipefail

@@ -1,27 +1,55 @@
 """Shared fixtures: the official golden vectors and small configs."""
 
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
-
-def reference_dir() -> Path:
-    override = os.environ.get("GLIPV2_REFERENCE_DIR")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "shared" / "reference"
+# Test vectors made with the official GLIP code; projects/GLIPv2/NUMERICS.md describes them.
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
 def golden() -> dict:
-    path = reference_dir() / "glip_golden_modules.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"golden vectors not found at {path}; set GLIPV2_REFERENCE_DIR")
-    return torch.load(path, weights_only=True)
+    """The per-module official golden cases (bi-attention, DyConv, head, post-processing, ...)."""
+    return torch.load(DATA_DIR / "glip_golden_modules.pt", weights_only=True)
+
+
+@dataclass
+class ModuleCall:
+    """One forward call of a hooked module: its positional inputs and its output."""
+
+    args: tuple
+    output: Any
+
+
+@contextmanager
+def recorded_calls(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[ModuleCall]]]:
+    """Record every forward call of each named module while the block runs, in call order.
+
+    Forward hooks let the golden tests compare intermediate tensors without the library keeping
+    test-only return paths.
+    """
+    record: dict[str, list[ModuleCall]] = {name: [] for name in modules}
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple, output: Any) -> None:
+            record[name].append(ModuleCall(args, output))
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,7 @@
 """Swin + FPN + P6/P7 reproduce the official GLIP backbone (golden case `swin_fpn`)."""
 
+from pathlib import Path
+
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
@@ -9,9 +11,12 @@ from glipv2_d2.checkpoint import official_to_model_key
 from glipv2_d2.config import add_glipv2_config
 from glipv2_d2.modeling.backbone import build_swin_fpn_p6p7_backbone
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def small_swin_cfg(case_config: dict):
     cfg = add_glipv2_config(get_cfg())
+    cfg.merge_from_file(str(REPO / "configs" / "Base-GLIPv2.yaml"))
     cfg.MODEL.SWIN.EMBED_DIM = case_config["MODEL.SWINT.EMBED_DIM"]
     cfg.MODEL.SWIN.DEPTHS = case_config["MODEL.SWINT.DEPTHS"]
     cfg.MODEL.SWIN.NUM_HEADS = case_config["MODEL.SWINT.NUM_HEADS"]

@@ -3,6 +3,12 @@
 import json
 from pathlib import Path
 
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from glipv2_d2.checkpoint import CheckpointMismatchError
+from glipv2_d2.config import setup_cfg
 from tools.benchmark import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,3 +29,20 @@ def test_benchmark_writes_one_row_per_precision(tmp_path):
         assert set(row) == ROW_KEYS
         assert row["images_per_s"] > 0 and row["ms_per_batch_median"] > 0
         assert (row["batch_size"], row["height"], row["width"]) == (1, 64, 96)
+
+
+def test_benchmark_loads_weights_strictly_and_times_the_models_own_stages(tmp_path):
+    config = str(REPO / "configs" / "quickstart" / "demo.yaml")
+    state = build_model(setup_cfg(config, ["MODEL.DEVICE", "cpu"])).state_dict()
+    complete, partial = tmp_path / "complete.pth", tmp_path / "partial.pth"
+    torch.save({"model": state}, complete)
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("head.")}}, partial)
+    argv = ["--config-file", config, "--device", "cpu", "--precision", "fp32", "--iters", "1", "--warmup", "0",
+            "--height", "64", "--width", "96", "--profile-stages", "MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "256"]
+    out = tmp_path / "bench.json"
+    assert main([*argv[:2], "--weights", str(complete), "--json", str(out), *argv[2:]]) == 0
+    stages = json.loads(out.read_text())["stages_ms"]
+    assert list(stages) == ["preprocess", "backbone", "text encoder", "fusion + head", "post-processing"]
+    assert all(ms > 0 for ms in stages.values())
+    with pytest.raises(CheckpointMismatchError, match="head.bbox_pred.weight"):
+        main([*argv[:2], "--weights", str(partial), *argv[2:]])

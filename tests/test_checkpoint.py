@@ -19,7 +19,7 @@ from glipv2_d2.checkpoint import (
 )
 from tools.convert_glip_checkpoint import main as convert_main
 
-from .conftest import reference_dir
+from .conftest import DATA_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ PRETRAINING_OPTIONS = ("MODEL.DYHEAD.FUSE_CONFIG.MLM_LOSS", "MODEL.DYHEAD.FUSE_C
 def released_checkpoint_rows(options: tuple[str, ...] = ("base",)) -> list[tuple[str, tuple[int, ...], str]]:
     """(key, shape, dtype) of every tensor in the released GLIP-T checkpoint (with ``options``: also
     of the official model built with those flags on)."""
-    with open(reference_dir() / "glip_tiny_state_dict.tsv") as f:
+    with open(DATA_DIR / "glip_tiny_state_dict.tsv") as f:
         lines = [line for line in f if not line.startswith("#")]
     rows = []
     for row in csv.DictReader(lines, delimiter="\t"):
@@ -89,7 +89,7 @@ def test_official_file_converts_and_loads_through_detectron2(glip_t_model, tmp_p
     cfg, model = glip_t_model
     rows = released_checkpoint_rows()
     official = synthetic_official_state_dict(rows)
-    for i, stride in enumerate(cfg.MODEL.ATSS.ANCHOR_STRIDES):
+    for i, stride in enumerate(model.anchor_generator.strides):
         half = 4 * stride
         official[f"rpn.anchor_generator.cell_anchors.{i}"] = torch.tensor(
             [[-half + (stride - 1) / 2 + 0.5, -half + (stride - 1) / 2 + 0.5,

@@ -1,26 +1,80 @@
-"""The larger configs build, and official checkpoints of their size map key for key."""
+"""Config resolution (only added keys, every file on Base-GLIPv2.yaml, one setup_cfg for every tool),
+and the larger configs build, with official checkpoints of their size mapping key for key."""
 
 import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 
 from glipv2_d2 import add_glipv2_config
 from glipv2_d2.checkpoint import convert_official_state_dict, official_to_model_key
+from glipv2_d2.config import setup_cfg
+from glipv2_d2.engine import launcher
+from tools import demo
 
 from .test_checkpoint import released_checkpoint_rows
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+QUICKSTART = str(REPO / "configs" / "quickstart" / "train.yaml")
 
 
 def build(config: str):
-    cfg = add_glipv2_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / config))
-    cfg.MODEL.DEVICE = "cpu"
+    cfg = setup_cfg(REPO / "configs" / config, ["MODEL.DEVICE", "cpu"])
     return cfg, build_model(cfg)
+
+
+def flattened(node: dict, prefix: str = "") -> dict:
+    items = {}
+    for key, value in node.items():
+        items.update(flattened(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return items
+
+
+def test_add_glipv2_config_only_adds_keys():
+    detectron2 = flattened(get_cfg())
+    glipv2 = flattened(add_glipv2_config(get_cfg()))
+    assert {key: glipv2[key] for key in detectron2} == detectron2
+    assert {"INPUT.LEGACY_RESIZE", "SOLVER.AMP.PRECISION", "SOLVER.STEP_FRACTIONS"} <= set(glipv2) - set(detectron2)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(REPO / "configs")))
+def test_every_config_derives_from_base(config):
+    chain = [config]
+    while base := yaml.safe_load(chain[-1].read_text()).get("_BASE_"):
+        chain.append((chain[-1].parent / base).resolve())
+    assert chain[-1] == REPO / "configs" / "Base-GLIPv2.yaml"
+    cfg = setup_cfg(config)
+    assert (cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.BACKBONE.NAME) == ("GLIPv2", "build_swin_fpn_p6p7_backbone")
+    assert cfg.MODEL.PIXEL_STD == [57.375, 57.120, 58.395] and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+
+
+def test_setup_cfg_resolves_step_fractions_after_overrides():
+    cfg = setup_cfg(QUICKSTART, ["SOLVER.MAX_ITER", "200", "SOLVER.STEP_FRACTIONS", "(0.5, 0.75)"])
+    assert cfg.is_frozen() and cfg.SOLVER.STEPS == (100, 150)
+    assert setup_cfg(QUICKSTART, ["SOLVER.STEP_FRACTIONS", "()", "SOLVER.STEPS", "(7,)"]).SOLVER.STEPS == (7,)
+    with pytest.raises(ValueError, match="STEP_FRACTIONS"):
+        setup_cfg(QUICKSTART, ["SOLVER.STEP_FRACTIONS", "(0.5, 1.5)"])
+
+
+def test_demo_and_benchmark_run_with_trainings_config(monkeypatch):
+    from tools import benchmark  # here, so that the other config tests do not depend on the benchmark tool
+
+    opts = ["SOLVER.MAX_ITER", "200", "MODEL.DYHEAD.NUM_LAYERS", "1"]
+    monkeypatch.setattr(launcher, "default_setup", lambda cfg, args: None)
+    training = launcher.setup(default_argument_parser().parse_args(["--config-file", QUICKSTART, *opts]))
+    demo_args = demo.parse_args(
+        ["--config-file", QUICKSTART, "--input", "x.png", "--categories", "a", "--output", "out", "--cpu", *opts]
+    )
+    benchmark_args = benchmark.parse_args(["--config-file", QUICKSTART, "--device", "cpu", *opts])
+    assert training.SOLVER.STEPS == (190,) and training.MODEL.DYHEAD.NUM_LAYERS == 1
+    assert demo.demo_cfg(demo_args) == training
+    assert benchmark.setup(benchmark_args)[0] == training
 
 
 def glip_l_official_keys() -> list[str]:

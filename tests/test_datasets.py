@@ -2,6 +2,8 @@
 the compositional heldout split, and the Detectron2 catalog / evaluator contract."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -14,20 +16,30 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools import mask as mask_util
 
 from glipv2_d2.data.datasets import (
-    HELDOUT_CATEGORY_IDS,
-    SYNTHETIC_CATEGORIES,
     datasets_root,
-    generate_synthetic_shapes,
     register_all_glipv2_datasets,
     register_coco_and_lvis,
     register_grounding_coco,
+    unregister_dataset,
+)
+from glipv2_quickstart import (
+    HELDOUT_CATEGORY_IDS,
+    SYNTHETIC_CATEGORIES,
+    generate_synthetic_shapes,
+    register_quickstart_datasets,
     register_synthetic_shapes,
 )
-from glipv2_d2.data.datasets.synthetic_shapes import HELDOUT_PAIRS, SHAPES
-from glipv2_d2.data.datasets.synthetic_text import plural
+from glipv2_quickstart.scene_text import plural
+from glipv2_quickstart.shapes import HELDOUT_PAIRS, SHAPES
 
 COUNTS = {"num_train": 30, "num_val": 8, "num_heldout": 12}
 SYNTHETIC_NAMES = [f"glipv2_synthetic_{s}" for s in ("train", "val", "heldout")]
+QUICKSTART_NAMES = SYNTHETIC_NAMES + [
+    "glipv2_synthetic_lvis_val",
+    "glipv2_synthetic_grounding_train",
+    "glipv2_synthetic_grounding_val",
+    "glipv2_synthetic_caption_train",
+]
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +148,7 @@ def synthetic_registered(tmp_path):
     register_synthetic_shapes(root, seed=0, **COUNTS)
     yield root
     for name in SYNTHETIC_NAMES:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_all_glipv2_datasets()  # back to the import-time registration
+        unregister_dataset(name)  # back to the library's registration, which has no synthetic sets
 
 
 def test_registration_is_lazy_and_follows_detectron2_format(synthetic_registered):
@@ -194,8 +204,7 @@ def tiny_json(tmp_path):
     registered = []
     yield path, registered
     for name in registered:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+        unregister_dataset(name)
 
 
 def test_register_grounding_coco_keeps_caption_and_spans(tiny_json):
@@ -219,7 +228,7 @@ def test_register_grounding_coco_refuses_spans_outside_the_caption(tiny_json):
     path.write_text(json.dumps(bad))
     register_grounding_coco("test_tiny_bad", str(path), str(path.parent), task="grounding")
     registered.append("test_tiny_bad")
-    with pytest.raises(ValueError, match=r"image 7 .*\[14, 40\)"):
+    with pytest.raises(ValueError, match=r"image 7\b.*\[14, 40\)"):
         DatasetCatalog.get("test_tiny_bad")
 
 
@@ -245,8 +254,34 @@ def test_register_all_is_idempotent_and_lazy(tmp_path):
         register_all_glipv2_datasets(tmp_path)
         register_all_glipv2_datasets(tmp_path)
         names = ["glipv2_coco_2017_train", "glipv2_coco_2017_val", "glipv2_lvis_v1_train", "glipv2_lvis_v1_val"]
-        assert all(name in DatasetCatalog for name in names + SYNTHETIC_NAMES)
-        assert MetadataCatalog.get("glipv2_synthetic_val").image_root == str(tmp_path / "glipv2_synthetic" / "val")
+        assert all(name in DatasetCatalog for name in names)
+        assert MetadataCatalog.get("glipv2_coco_2017_val").image_root == str(tmp_path / "coco" / "val2017")
         assert not any(tmp_path.iterdir())
     finally:
         register_all_glipv2_datasets(datasets_root())
+
+
+def test_quickstart_registration_is_idempotent_and_lazy(tmp_path):
+    root = tmp_path / "glipv2_synthetic"
+    try:
+        register_quickstart_datasets(root)
+        register_quickstart_datasets(root)
+        assert all(name in DatasetCatalog for name in QUICKSTART_NAMES)
+        assert MetadataCatalog.get("glipv2_synthetic_val").image_root == str(root / "val")
+        assert MetadataCatalog.get("glipv2_synthetic_lvis_val").json_file == str(root / "annotations" / "lvis_val.json")
+        assert MetadataCatalog.get("glipv2_synthetic_grounding_val").evaluator_type == "flickr30k"
+        assert not root.exists()
+    finally:
+        for name in QUICKSTART_NAMES:
+            unregister_dataset(name)
+
+
+def test_library_registers_no_synthetic_data_and_never_imports_the_quick_start():
+    names = ", ".join(repr(name) for name in QUICKSTART_NAMES)
+    script = (
+        "import sys; import glipv2_d2.data.datasets, glipv2_d2.engine.trainer, glipv2_d2.evaluation; "
+        "from detectron2.data import DatasetCatalog; "
+        f"assert not set(DatasetCatalog) & {{{names}}}, sorted(DatasetCatalog); "
+        "assert not [m for m in sys.modules if m.startswith('glipv2_quickstart')]"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[1])

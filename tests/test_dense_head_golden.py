@@ -1,6 +1,6 @@
 """Dense head, anchors, box coder and post-processing against the official GLIP golden vectors.
 
-Cases c (head), d (post_processor) and e (box_coder) of shared/reference/GOLDEN.md.
+Cases head, post_processor and box_coder of tests/data/glip_golden_modules.pt (projects/GLIPv2/NUMERICS.md).
 """
 
 import math

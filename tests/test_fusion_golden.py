@@ -8,7 +8,7 @@ from transformers import BertConfig
 
 from glipv2_d2.modeling.fusion import BiAttentionBlock, DyConv, VLDyHeadTower
 
-from .conftest import params_via_converter
+from .conftest import params_via_converter, recorded_calls
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
@@ -45,11 +45,20 @@ def test_dyconv_matches_official(golden: dict, case_name: str) -> None:
     dyconv.load_state_dict(
         params_via_converter(case["params"], "rpn.head.dyhead_tower.5.", "fusion.layers.1.dyconv."), strict=True
     )
-    with torch.no_grad():
-        visual, record = dyconv.forward_with_intermediates(case["inputs"]["visual"])
+    # offset runs once per level; DyConv[2] (stride 2) on levels 0..3 for levels 1..4; DyConv[0] on
+    # levels 1..4 for levels 0..3, before upsampling.
+    probes = {
+        "offset_mask_per_level": dyconv.offset,
+        "conv2_from_finer_level": dyconv.DyConv[2],
+        "conv0_from_coarser_level_before_upsample": dyconv.DyConv[0],
+    }
+    with torch.no_grad(), recorded_calls(probes) as calls:
+        visual = dyconv(case["inputs"]["visual"])
     _assert_levels_close(visual, case["outputs"]["visual"])
+    assert set(case["intermediates"]) <= set(probes)
+    assert len(case["intermediates"]["offset_mask_per_level"]) == len(visual)
     for name, expected in case["intermediates"].items():
-        _assert_levels_close(record[name], expected)
+        _assert_levels_close([call.output for call in calls[name]], expected)
 
 
 def _tiny_tower(attn_implementation: str | None = None, **kwargs) -> VLDyHeadTower:
@@ -109,12 +118,15 @@ def test_tower_padding_to_longer_text_changes_nothing_real() -> None:
     lang_padded = torch.cat([lang, 10 * torch.randn(2, 5, 32, generator=gen)], dim=1)
     lang_padded[1, 4:6] = 10 * torch.randn(2, 32, generator=gen)
     mask_padded = torch.cat([mask, torch.zeros(2, 5, dtype=mask.dtype)], dim=1)
-    with torch.no_grad():
-        short_f, short_l, short_steps = tower(features, lang, mask, return_intermediates=True)
-        long_f, long_l, long_steps = tower(features, lang_padded, mask_padded, return_intermediates=True)
+    layers = {f"layer{i}": layer for i, layer in enumerate(tower.layers)}
+    with torch.no_grad(), recorded_calls(layers) as short_steps:
+        tower(features, lang, mask)
+    with torch.no_grad(), recorded_calls(layers) as long_steps:
+        tower(features, lang_padded, mask_padded)
     real = mask.bool()
-    for (sf, sl), (lf, ll) in zip([*short_steps, (short_f, short_l)], [*long_steps, (long_f, long_l)],
-                                  strict=True):
+    assert all(len(calls) == 1 for calls in [*short_steps.values(), *long_steps.values()])
+    for (sf, sl), (lf, ll) in zip([c[0].output for c in short_steps.values()],
+                                  [c[0].output for c in long_steps.values()], strict=True):
         for a, b in zip(sf, lf, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ll[:, :6][real], sl[real], rtol=1e-5, atol=1e-5)

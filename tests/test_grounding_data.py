@@ -5,22 +5,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from glipv2_d2.config import add_glipv2_config
 from glipv2_d2.data.datasets.mdetr import (
     load_mdetr_json,
     parse_flickr_sentence,
     register_mdetr_datasets,
     register_mdetr_grounding,
-    register_synthetic_grounding,
 )
 from glipv2_d2.data.grounding_mapper import GroundingMapper, swap_left_right
 from glipv2_d2.modeling.language import build_tokenizer
+from glipv2_quickstart import register_synthetic_grounding
 
 from .conftest import half_red_half_blue_png
+from .tiny_model import base_cfg
 
 WIDTH, HEIGHT = 64, 48
 GOATS = "Two girls feed a goat while the goat eats ."  # "Two girls" [0, 9), "a goat" [15, 21), "the goat" [28, 36)
@@ -272,7 +271,7 @@ def image_file(tmp_path_factory):
 
 
 def _cfg(**overrides):
-    cfg = add_glipv2_config(get_cfg())
+    cfg = base_cfg()
     cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER = "minilm"
     cfg.INPUT.MIN_SIZE_TRAIN = (HEIGHT,)
     cfg.INPUT.MIN_SIZE_TEST = HEIGHT
@@ -313,9 +312,11 @@ def test_positive_map_marks_the_tokens_of_each_box(tokenizer, image_file):
     # [CLS] the snow ##board ##er grabs his board near a red flag . [SEP]
     caption = "The snowboarder grabs his board near a red flag ."
     record = _grounding_record(image_file, caption, [[[0, 15]], [[22, 31]], [[0, 15], [39, 47]], []])
-    out = GroundingMapper(_cfg(), True, tokenizer, seed=0)(record)
-    assert out["caption"] == caption and out["task"] == "grounding" and out["weak"] is False
-    assert out["input_ids"].tolist() == tokenizer(caption)["input_ids"] and out["attention_mask"].all()
+    out = GroundingMapper(_cfg(), True, tokenizer)(record, seed=0)
+    prompt = out["prompt"]
+    assert prompt.caption == caption and out["loss_weight"] == 1.0 and not prompt.names_categories
+    assert prompt.input_ids.tolist() == tokenizer(caption)["input_ids"] and prompt.attention_mask.all()
+    assert prompt.label_to_tokens == {0: [1, 2, 3, 4], 1: [6, 7], 2: [1, 2, 3, 4, 10, 11]}
     inst = out["instances"]
     assert inst.positive_map.dtype == torch.bool and inst.positive_map.shape == (3, 14)  # unmentioned box dropped
     assert _rows(inst) == [[1, 2, 3, 4], [6, 7], [1, 2, 3, 4, 10, 11]]
@@ -339,29 +340,30 @@ def test_flip_swaps_left_and_right_and_moves_spans(tokenizer, image_file):
     record = _grounding_record(image_file, caption, spans)
     seen = set()
     for seed in range(8):
-        out = GroundingMapper(_cfg(**{"INPUT.RANDOM_FLIP": "horizontal"}), True, tokenizer, seed=seed)(record)
+        out = GroundingMapper(_cfg(**{"INPUT.RANDOM_FLIP": "horizontal"}), True, tokenizer)(record, seed=seed)
         flipped = bool(out["image"][0, 0, 0] == 255)  # BGR: blue on the left
         seen.add(flipped)
-        words = [tokenizer.decode(out["input_ids"][row].tolist()) for row in out["instances"].positive_map]
+        words = [tokenizer.decode(out["prompt"].input_ids[row].tolist()) for row in out["instances"].positive_map]
         if flipped:
-            assert out["caption"] == "the right dog chases the cat on the left ."
+            assert out["prompt"].caption == "the right dog chases the cat on the left ."
             assert words == ["the right dog", "the cat", "the left"]
             assert out["instances"].gt_boxes.tensor[0].tolist() == [WIDTH - 14, 4, WIDTH - 4, 24]
         else:
-            assert out["caption"] == caption and words == ["the left dog", "the cat", "the right"]
+            assert out["prompt"].caption == caption and words == ["the left dog", "the cat", "the right"]
     assert seen == {True, False}
     again = [
-        GroundingMapper(_cfg(**{"INPUT.RANDOM_FLIP": "horizontal"}), True, tokenizer, seed=3)(record) for _ in range(2)
+        GroundingMapper(_cfg(**{"INPUT.RANDOM_FLIP": "horizontal"}), True, tokenizer)(record, seed=3) for _ in range(2)
     ]
-    assert again[0]["caption"] == again[1]["caption"] and torch.equal(again[0]["image"], again[1]["image"])
+    assert again[0]["prompt"].caption == again[1]["prompt"].caption
+    assert torch.equal(again[0]["image"], again[1]["image"])
 
 
 def test_long_captions_are_truncated_and_boxes_beyond_dropped(tokenizer, image_file):
     caption = "The snowboarder grabs his board near a red flag ."
     record = _grounding_record(image_file, caption, [[[0, 15]], [[22, 31]], [[37, 47]]])
-    out = GroundingMapper(_cfg(**{"MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN": 8}), True, tokenizer, seed=0)(record)
+    out = GroundingMapper(_cfg(**{"MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN": 8}), True, tokenizer)(record, seed=0)
     # [CLS] the snow ##board ##er grabs his [SEP]: "his board" keeps "his", "a red flag" is gone
-    assert len(out["input_ids"]) == 8 and out["input_ids"][-1] == tokenizer.sep_token_id
+    assert len(out["prompt"].input_ids) == 8 and out["prompt"].input_ids[-1] == tokenizer.sep_token_id
     assert _rows(out["instances"]) == [[1, 2, 3, 4], [6]]
     assert out["instances"].gt_boxes.tensor.tolist() == [[4, 4, 14, 24], [12, 4, 22, 24]]
 
@@ -370,23 +372,28 @@ def test_test_mode_maps_phrases_to_tokens_and_keeps_annotations(tokenizer, image
     record = dict(records[0], file_name=image_file)
     out = GroundingMapper(_cfg(), False, tokenizer)(record)
     # [CLS] two girls feed a goat while the goat eats . [SEP]
-    assert out["label_to_tokens"] == {0: [1, 2], 1: [4, 5], 2: [7, 8]}
+    assert out["prompt"].label_to_tokens == {0: [1, 2], 1: [4, 5], 2: [7, 8]}
+    assert out["prompt"].label_names == {0: "Two girls", 1: "a goat", 2: "the goat"}
     assert out["phrases"] == records[0]["phrases"] and out["annotations"] == records[0]["annotations"]
     assert "instances" not in out and out["image"].shape == (3, HEIGHT, WIDTH)
     short = GroundingMapper(_cfg(**{"MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN": 7}), False, tokenizer)(record)
-    assert short["label_to_tokens"] == {0: [1, 2], 1: [4, 5]}  # "the goat" truncated away
+    assert short["prompt"].label_to_tokens == {0: [1, 2], 1: [4, 5]}  # "the goat" truncated away
 
 
-def test_caption_records_keep_task_and_weak_flag(tokenizer, image_file):
+def test_weak_caption_records_get_the_weak_loss_weight(tokenizer, image_file):
     record = _grounding_record(image_file, "a red flag", [[[0, 10]]], task="caption", weak=True)
-    out = GroundingMapper(_cfg(), True, tokenizer, seed=0)(record)
-    assert out["task"] == "caption" and out["weak"] is True and _rows(out["instances"]) == [[1, 2, 3]]
+    out = GroundingMapper(_cfg(), True, tokenizer)(record, seed=0)
+    assert out["loss_weight"] == 1.0 and _rows(out["instances"]) == [[1, 2, 3]]  # the default weight
+    cfg = _cfg(**{"MODEL.WEAK_SAMPLE_LOSS_WEIGHT": 0.25})
+    assert GroundingMapper(cfg, True, tokenizer)(record, seed=0)["loss_weight"] == 0.25
+    assert GroundingMapper(cfg, True, tokenizer)(dict(record, weak=False), seed=0)["loss_weight"] == 1.0
 
 
 def test_spans_outside_the_caption_are_errors_naming_image_and_span(tokenizer, image_file):
     record = _grounding_record(image_file, "a red flag", [[[0, 5]], [[6, 30]]])
-    with pytest.raises(ValueError, match=r"grounding\.png \(image 3\), box #1: span \[6, 30\]"):
-        GroundingMapper(_cfg(), True, tokenizer, seed=0)(record)
+    message = r"grounding\.png \(image 3\), box #1: span \[6, 30\) is empty or outside the caption of 10"
+    with pytest.raises(ValueError, match=message):
+        GroundingMapper(_cfg(), True, tokenizer)(record, seed=0)
     record = _grounding_record(image_file, "a red flag", [], phrases=[{"phrase_id": 0, "tokens_positive": [[4, 2]]}])
-    with pytest.raises(ValueError, match=r"phrase #0: span \[4, 2\]"):
+    with pytest.raises(ValueError, match=r"phrase #0: span \[4, 2\) is empty"):
         GroundingMapper(_cfg(), False, tokenizer)(record)

@@ -9,9 +9,9 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 from torch import nn
 
-from glipv2_d2.data.datasets import register_synthetic_grounding, register_synthetic_shapes
 from glipv2_d2.engine.trainer import GLIPv2Trainer
 from glipv2_d2.evaluation import Flickr30kGroundingEvaluator
+from glipv2_quickstart import register_synthetic_grounding, register_synthetic_shapes
 
 from .tiny_model import tiny_cfg
 
@@ -73,7 +73,7 @@ class GroundTruthModel(nn.Module):
         for anno in x["annotations"]:
             box = BoxMode.convert(anno["bbox"], anno["bbox_mode"], BoxMode.XYXY_ABS)
             for phrase in anno["phrase_ids"]:
-                if phrase in x["label_to_tokens"]:
+                if phrase in x["prompt"].label_to_tokens:
                     boxes.append(box)
                     classes.append(phrase)
         return Instances(
@@ -110,8 +110,8 @@ def test_ground_truth_predictions_recall_every_phrase(grounding_val):
     assert sorted(x["image_id"] for x in model.inputs) == sorted(grounding_val)
     for x in model.inputs:  # the image's own sentence and phrase labels, not a vocabulary prompt
         record = grounding_val[x["image_id"]]
-        assert x["caption"] == record["caption"]
-        assert sorted(x["label_to_tokens"]) == list(range(len(record["phrases"])))
+        assert x["prompt"].caption == record["caption"]
+        assert sorted(x["prompt"].label_to_tokens) == list(range(len(record["phrases"])))
 
 
 def test_several_grounding_sets_report_per_dataset():
@@ -158,4 +158,4 @@ def test_tiny_model_recall(grounding_val):
     assert len(recorder.outputs) == NUM_IMAGES
     for x, output in recorder.outputs:
         classes = output["instances"].pred_classes
-        assert len(classes) > 0 and set(classes.tolist()) <= set(x["label_to_tokens"])
+        assert len(classes) > 0 and set(classes.tolist()) <= set(x["prompt"].label_to_tokens)

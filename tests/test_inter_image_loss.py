@@ -13,7 +13,6 @@ from glipv2_d2.modeling.inter_image_loss import (
     RegionWordLabels,
     region_word_targets,
     select_regions,
-    token_category_ids,
 )
 
 # A batch of three prompts, padded to T = 7 tokens:
@@ -22,7 +21,8 @@ from glipv2_d2.modeling.inter_image_loss import (
 #   sample 2, grounding  "a person with a dog"  [CLS] a person with a dog [SEP]        (phrases "a person", "a dog")
 # Real tokens are numbered batch-wide: sample 0 -> 0..4, sample 1 -> 5..9, sample 2 -> 10..16.
 TEXT_MASK = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
-LABEL_TO_TOKENS = [{1: [1], 2: [3]}, {3: [1], 1: [3]}, {1: [2], 2: [5]}]  # sample 2's must be ignored: grounding
+# Category of each token ({1: [1], 2: [3]}, {3: [1], 1: [3]}, {1: [2], 2: [5]}); sample 2's must be ignored: grounding
+TOKEN_CATEGORIES = torch.tensor([[-1, 1, -1, 2, -1, -1, -1], [-1, 3, -1, 1, -1, -1, -1], [-1, -1, 1, -1, -1, 2, -1]])
 IS_DETECTION = torch.tensor([True, True, False])
 GT_CATEGORIES = [torch.tensor([1, 2]), torch.tensor([1]), torch.tensor([-1, -1])]
 POSITIVE_MAPS = [
@@ -51,7 +51,7 @@ def _labels(matched_idxs=MATCHED_IDXS, num_tokens=7, samples=slice(None)) -> Reg
         matched_idxs=matched_idxs[samples],
         positive_maps=[POSITIVE_MAPS[i] for i in index],
         gt_categories=[GT_CATEGORIES[i] for i in index],
-        token_categories=token_category_ids([LABEL_TO_TOKENS[i] for i in index], num_tokens),
+        token_categories=TOKEN_CATEGORIES[samples, :num_tokens],
         is_detection=IS_DETECTION[samples],
     )
 
@@ -109,15 +109,6 @@ def _reference_loss(module, features, text, anchor_indices) -> float:
     return (by_region + by_token) / 2 / NUM_POSITIVES
 
 
-def test_token_category_ids_maps_each_category_token_and_rejects_overlaps():
-    ids = token_category_ids(LABEL_TO_TOKENS[:2], 7)
-    assert ids.tolist() == [[-1, 1, -1, 2, -1, -1, -1], [-1, 3, -1, 1, -1, -1, -1]]
-    with pytest.raises(ValueError, match="token 1 belongs to categories 4 and 5"):
-        token_category_ids([{4: [1], 5: [1, 2]}], 7)
-    with pytest.raises(ValueError, match="outside the 7 tokens"):
-        token_category_ids([{4: [7]}], 7)
-
-
 def test_target_matrix_follows_the_paper_rule_literally():
     # Regions: sample 0 -> person, dog, negative; sample 1 -> person, negative;
     # sample 2 -> "a person", "a dog", negative.
@@ -130,7 +121,7 @@ def test_target_matrix_follows_the_paper_rule_literally():
             positive_map = POSITIVE_MAPS[key[0]][key[1]] > 0
             own[row, : positive_map.shape[0]] = positive_map
     sample, position = torch.nonzero(TEXT_MASK, as_tuple=True)
-    category = token_category_ids(LABEL_TO_TOKENS, 7)[sample, position]
+    category = TOKEN_CATEGORIES[sample, position]
     category = torch.where(IS_DETECTION[sample], category, -1)  # grounding prompts carry no category
 
     targets = region_word_targets(region_sample, region_category, own, sample, position, category)

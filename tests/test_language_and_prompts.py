@@ -6,12 +6,14 @@ from detectron2.config import get_cfg
 from transformers import BertModel
 
 from glipv2_d2.config import add_glipv2_config
+from glipv2_d2.data.prompt_builder import PromptBuilder
 from glipv2_d2.data.prompts import (
     build_detection_prompt,
     build_labeled_prompt,
+    category_uid,
+    check_spans,
     chunk_categories,
     clean_category_name,
-    detection_query,
     locate_phrases,
     positive_map_to_token_map,
     spans_to_token_map,
@@ -26,6 +28,7 @@ from glipv2_d2.modeling.language import (
     build_tokenizer,
     minilm_model_dir,
 )
+from glipv2_d2.structures import Prompt
 
 TINY = dict(
     vocab_size=30522,
@@ -183,17 +186,33 @@ def test_detection_prompt_errors_name_input():
         build_detection_prompt("person")
 
 
+def _detection_prompt(tokenizer, names: dict) -> Prompt:
+    return PromptBuilder(tokenizer).categories(names)[0]
+
+
 def test_token_map_for_coco_names(tokenizer):
     names = {1: "person", 2: "bicycle", 10: "traffic light"}
-    caption, tokenized, token_map = detection_query(tokenizer, names)
-    assert caption == "person. bicycle. traffic light"
-    assert token_map == {1: [1], 2: [3], 10: [5, 6]}
-    ids = tokenized["input_ids"][0]
-    assert {k: _decode(tokenizer, ids, v) for k, v in token_map.items()} == {
+    prompt = _detection_prompt(tokenizer, names)
+    assert prompt.caption == "person. bicycle. traffic light"
+    assert prompt.label_to_tokens == {1: [1], 2: [3], 10: [5, 6]}
+    assert {k: _decode(tokenizer, prompt.input_ids, v) for k, v in prompt.label_to_tokens.items()} == {
         1: "person",
         2: "bicycle",
         10: "traffic light",
     }
+    assert prompt.label_names == names and prompt.names_categories
+    assert prompt.input_ids.tolist() == tokenizer(prompt.caption)["input_ids"] and prompt.attention_mask.all()
+    uids = {label: category_uid(name) for label, name in names.items()}
+    expected = [-1, uids[1], -1, uids[2], -1, uids[10], uids[10], -1]
+    assert prompt.token_categories.tolist() == expected
+
+
+def test_free_form_caption_prompt_has_no_categories(tokenizer):
+    prompt = PromptBuilder(tokenizer).caption("a man throws a frisbee", phrases=["man", "frisbee"])
+    assert prompt.label_to_tokens == {0: [2], 1: [5, 6, 7]} and prompt.label_names == {0: "man", 1: "frisbee"}
+    assert not prompt.names_categories and (prompt.token_categories == -1).all()
+    with pytest.raises(ValueError, match="exceeds the 4-token limit"):
+        PromptBuilder(tokenizer, max_query_len=4).caption("a man throws a frisbee")
 
 
 def test_token_map_batch_index_and_subwords(tokenizer):
@@ -222,7 +241,7 @@ def test_token_map_errors_name_category(tokenizer):
 
 
 def test_positive_maps(tokenizer):
-    _, _, token_map = detection_query(tokenizer, {1: "person", 10: "traffic light"})
+    token_map = _detection_prompt(tokenizer, {1: "person", 10: "traffic light"}).label_to_tokens
     binary = token_map_to_positive_map(token_map, [10, 1, 10], max_len=8)
     assert binary.shape == (3, 8) and binary.dtype == torch.float32
     assert binary[0].nonzero().flatten().tolist() == [3, 4] and set(binary.unique().tolist()) == {0.0, 1.0}
@@ -297,3 +316,21 @@ def test_locate_phrases():
         locate_phrases("   ")
     with pytest.raises(ValueError, match="outside the caption"):
         locate_phrases("a dog", spans=[(0, 50)])
+
+
+def test_check_spans_returns_int_pairs_and_names_the_source_of_a_bad_span():
+    assert check_spans([[0, 1], (2.0, 5)], "a dog", "here") == [(0, 1), (2, 5)]
+    assert check_spans([], "a dog", "here") == []
+    assert check_spans([[3, 99]], None, "here") == [(3, 99)]  # no caption: no upper bound to check
+    bad = [
+        ("a dog", [[2, 6]], r"^img 7: span \[2, 6\) is empty or outside the caption of 5 characters 'a dog'$"),
+        ("a dog", [[3, 3]], r"^img 7: span \[3, 3\) is empty"),
+        ("a dog", [[-1, 2]], r"^img 7: span \[-1, 2\) is empty or outside"),
+        ("a dog", [[0, 1, 2]], r"^img 7: span \[0, 1, 2\] is not a \[start, end\) pair$"),
+        ("a dog", [5], r"^img 7: span 5 is not a \[start, end\) pair$"),
+        ("a dog", "0-2", r"^img 7: expected a list of \[start, end\) spans, got '0-2'$"),
+        (None, [[2, 1]], r"^img 7: span \[2, 1\) is empty or starts before the caption$"),
+    ]
+    for caption, spans, message in bad:
+        with pytest.raises(ValueError, match=message):
+            check_spans(spans, caption, "img 7")

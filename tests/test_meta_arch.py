@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from glipv2_d2.engine.predictor import GLIPv2Predictor, build_prompt_chunks
+from glipv2_d2.engine.predictor import GLIPv2Predictor
 
 from .tiny_model import tiny_cfg
 
@@ -60,12 +60,12 @@ def test_output_is_deterministic(predictor):
 
 
 def test_chunked_vocabulary_equals_each_chunk_run_alone_and_merged(predictor):
-    predictor.chunk_size = 3
+    predictor.prompt_builder.chunk_size = 3
     try:
         merged = predictor(_image(4), CATEGORIES)
+        chunks = predictor.build_prompts(CATEGORIES)
     finally:
-        predictor.chunk_size = 0
-    chunks = build_prompt_chunks(predictor.model.tokenizer, CATEGORIES, predictor.max_len, chunk_size=3)
+        predictor.prompt_builder.chunk_size = None
     assert [len(c.label_names) for c in chunks] == [3, 3, 1]
     image = _image(4)
     parts = []
@@ -144,3 +144,28 @@ def test_unreadable_image_is_named(predictor, tmp_path):
         predictor(broken, ["person"])
     with pytest.raises(FileNotFoundError, match="missing.png"):
         predictor(tmp_path / "missing.png", ["person"])
+
+
+def test_rescaled_detections_leave_the_network_output_unchanged(predictor):
+    from glipv2_d2.data.image_io import array_to_bgr
+    from glipv2_d2.modeling.meta_arch import rescale_instances
+
+    inputs = predictor._model_input(array_to_bgr(_image(12)), predictor.build_prompts(CATEGORIES[:2])[0])
+    with torch.no_grad():
+        (raw,) = predictor.model.inference([inputs], do_postprocess=False)
+    boxes = raw["instances"].pred_boxes.tensor.clone()
+    rescaled = rescale_instances(raw["instances"], 300, 380)
+    assert torch.equal(raw["instances"].pred_boxes.tensor, boxes)
+    height, width = raw["instances"].image_size
+    torch.testing.assert_close(rescaled.pred_boxes.tensor, boxes * torch.tensor([380 / width, 300 / height] * 2))
+
+
+def test_anchor_strides_and_widths_come_from_the_backbone(predictor):
+    model = predictor.model
+    shapes = sorted(model.backbone.output_shape().values(), key=lambda shape: shape.stride)
+    assert model.anchor_generator.strides == tuple(shape.stride for shape in shapes) == (8, 16, 32, 64, 128)
+    assert model.fusion.layers[0].b_attn.layer_norm_v.normalized_shape == (shapes[0].channels,)
+    cfg = tiny_cfg()
+    cfg.MODEL.ATSS.ANCHOR_SIZES = [32, 64, 128]
+    with pytest.raises(ValueError, match="ANCHOR_SIZES has 3 sizes .* 5 feature levels of strides"):
+        GLIPv2Predictor(cfg)

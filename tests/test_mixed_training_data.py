@@ -15,9 +15,9 @@ from glipv2_d2.data.build import (
     dataset_task,
     validated_train_ratios,
 )
-from glipv2_d2.data.datasets import register_synthetic_grounding, register_synthetic_shapes
 from glipv2_d2.data.mappers import category_uid
 from glipv2_d2.engine.trainer import GLIPv2Trainer
+from glipv2_quickstart import register_synthetic_grounding, register_synthetic_shapes
 
 from .tiny_model import tiny_cfg
 
@@ -76,10 +76,9 @@ def signature(sample: dict) -> tuple:
     instances = sample["instances"]
     return (
         sample["file_name"],
-        sample["task"],
         sample["dataset_name"],
-        sample["caption"],
-        sample["input_ids"].tolist(),
+        sample["prompt"].caption,
+        sample["prompt"].input_ids.tolist(),
         instances.gt_boxes.tensor.tolist(),
         instances.positive_map.tolist(),
     )
@@ -114,7 +113,7 @@ def test_resumed_mixed_stream_equals_the_uninterrupted_tail():
     loader, _ = build_resumable_train_loader(cfg)
     batches = iter(loader)
     straight = [signature(sample) for _ in range(5) for sample in next(batches)]
-    assert {s[1] for s in straight} == {"detection", "grounding", "caption"}  # the mix is exercised
+    assert {s[1] for s in straight} == {DETECTION, GROUNDING, CAPTION}  # the mix is exercised
 
     resumed_loader, sampler = build_resumable_train_loader(cfg)
     sampler.start = 4  # iteration 2 x IMS_PER_BATCH 2
@@ -128,11 +127,13 @@ def test_detection_labels_share_uids_across_vocabularies():
     uid_of_name, labels_of_name = {}, {}
     for draw in range(12):
         sample = dataset[draw]
-        assert sample["task"] == "detection"
+        prompt, instances = sample["prompt"], sample["instances"]
+        assert prompt.names_categories
         names = MetadataCatalog.get(sample["dataset_name"]).thing_classes
-        assert set(sample["instances"].gt_classes.tolist()) <= set(sample["label_uids"])
-        assert set(sample["label_uids"]) == set(sample["label_to_tokens"])
-        for label, uid in sample["label_uids"].items():
+        for label, uid in zip(instances.gt_classes.tolist(), instances.gt_category_uids.tolist()):
+            assert uid == category_uid(names[label])
+        for label, tokens in prompt.label_to_tokens.items():
+            (uid,) = set(prompt.token_categories[tokens].tolist())
             assert uid == category_uid(names[label]) and 0 <= uid < 2**31
             assert uid_of_name.setdefault(names[label], uid) == uid
             labels_of_name.setdefault(names[label], set()).add((sample["dataset_name"], label))
@@ -144,19 +145,21 @@ def test_detection_labels_share_uids_across_vocabularies():
 
 
 def test_grounding_and_caption_samples():
-    dataset = draw_dataset(mixed_cfg([GROUNDING, CAPTION]))
-    tasks = Counter()
+    cfg = mixed_cfg([GROUNDING, CAPTION])
+    cfg.MODEL.WEAK_SAMPLE_LOSS_WEIGHT = 0.5
+    dataset = draw_dataset(cfg)
+    drawn = Counter()
     for draw in range(10):
         sample = dataset[draw]
-        tasks[sample["task"]] += 1
-        expected = {GROUNDING: "grounding", CAPTION: "caption"}[sample["dataset_name"]]
-        assert sample["task"] == expected and sample["weak"] == (expected == "caption")
+        drawn[sample["dataset_name"]] += 1
+        weight = cfg.MODEL.WEAK_SAMPLE_LOSS_WEIGHT if sample["dataset_name"] == CAPTION else 1.0
+        assert sample["loss_weight"] == weight
         positive_map = sample["instances"].positive_map
         assert positive_map.dtype == torch.bool
-        assert positive_map.shape == (len(sample["instances"]), len(sample["input_ids"]))
+        assert positive_map.shape == (len(sample["instances"]), len(sample["prompt"]))
         assert len(positive_map) > 0 and positive_map.any(dim=1).all()
-        assert "label_uids" not in sample
-    assert set(tasks) == {"grounding", "caption"}
+        assert not sample["prompt"].names_categories and not sample["instances"].has("gt_category_uids")
+    assert set(drawn) == {GROUNDING, CAPTION}
 
 
 @pytest.mark.parametrize(

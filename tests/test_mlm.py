@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForMaskedLM, BertModel
+from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, BertModel, BertPreTrainedModel
 
 from glipv2_d2.checkpoint import convert_official_state_dict, official_to_model_key
 from glipv2_d2.modeling.language import BertTextEncoder, build_tokenizer, minilm_model_dir
@@ -17,7 +17,7 @@ from glipv2_d2.modeling.mlm import (
     mask_tokens,
 )
 
-from .conftest import reference_dir
+from .conftest import DATA_DIR
 
 PAD, UNK, CLS, SEP, MASK = 0, 100, 101, 102, 103
 BERT_VOCAB = MaskingVocabulary(mask_token_id=MASK, special_token_ids=(PAD, UNK, CLS, SEP, MASK), vocab_size=30522)
@@ -140,7 +140,7 @@ def test_vocabulary_rejects_ids_outside_the_vocabulary():
 
 
 def official_mlm_rows() -> dict[str, tuple[int, ...]]:
-    with open(reference_dir() / "glip_tiny_state_dict.tsv") as f:
+    with open(DATA_DIR / "glip_tiny_state_dict.tsv") as f:
         rows = csv.DictReader([line for line in f if not line.startswith("#")], delimiter="\t")
         return {r["key"]: tuple(int(d) for d in r["shape"].split("x")) for r in rows if r["group"] == "mlm"}
 
@@ -239,9 +239,9 @@ TINY_BERT = {"vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 1, "num_a
              "intermediate_size": 32}
 
 
-def saved_masked_lm(folder, tie_word_embeddings: bool) -> BertForMaskedLM:
+def saved_masked_lm(folder, tie_word_embeddings: bool, architecture=BertForMaskedLM) -> BertPreTrainedModel:
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(**TINY_BERT, tie_word_embeddings=tie_word_embeddings)).eval()
+    model = architecture(BertConfig(**TINY_BERT, tie_word_embeddings=tie_word_embeddings)).eval()
     predictions = model.cls.predictions
     with torch.no_grad():
         predictions.bias.normal_()
@@ -251,9 +251,10 @@ def saved_masked_lm(folder, tie_word_embeddings: bool) -> BertForMaskedLM:
     return model
 
 
+@pytest.mark.parametrize("architecture", [BertForMaskedLM, BertForPreTraining])
 @pytest.mark.parametrize("tie_word_embeddings", [True, False])
-def test_loading_a_saved_masked_lm_reproduces_its_logits(tmp_path, tie_word_embeddings):
-    model = saved_masked_lm(tmp_path, tie_word_embeddings)
+def test_loading_a_saved_masked_lm_reproduces_its_logits(tmp_path, tie_word_embeddings, architecture):
+    model = saved_masked_lm(tmp_path, tie_word_embeddings, architecture)
     head = MaskedLanguageModelingHead.from_text_config(model.config)
     assert load_pretrained_mlm_head(head, tmp_path)
     hidden = torch.randn(3, 7, 16)
@@ -262,14 +263,20 @@ def test_loading_a_saved_masked_lm_reproduces_its_logits(tmp_path, tie_word_embe
     assert head.decoder.bias is head.bias
 
 
+def save_weights_only(folder, model: BertPreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    """A pre-safetensors folder: config.json and pytorch_model.bin holding ``state``."""
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save(state, folder / "pytorch_model.bin")
+
+
 def test_loading_a_legacy_bin_with_gamma_beta_names(tmp_path):
     model = saved_masked_lm(tmp_path / "modern", tie_word_embeddings=True)
     legacy = {
         k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
         for k, v in model.state_dict().items() if k != "cls.predictions.decoder.bias"
     }
-    (tmp_path / "legacy").mkdir()
-    torch.save(legacy, tmp_path / "legacy" / "pytorch_model.bin")
+    save_weights_only(tmp_path / "legacy", model, legacy)
     head = MaskedLanguageModelingHead.from_text_config(model.config)
     assert load_pretrained_mlm_head(head, tmp_path / "legacy")
     hidden = torch.randn(2, 4, 16)
@@ -289,16 +296,24 @@ def test_the_shipped_minilm_has_no_lm_head():
     assert not load_pretrained_mlm_head(MaskedLanguageModelingHead(hidden_size=384, vocab_size=8), minilm_model_dir())
 
 
-def test_loading_names_mismatched_shapes_and_incomplete_heads(tmp_path):
+def test_loading_names_the_folder_and_the_mismatched_shapes(tmp_path):
+    saved_masked_lm(tmp_path / "full", tie_word_embeddings=False)
+    head = MaskedLanguageModelingHead(hidden_size=16, vocab_size=41)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(ValueError, match=r"full: .*decoder\.weight: checkpoint \(40, 16\) vs head \(41, 16\)"):
+        load_pretrained_mlm_head(head, tmp_path / "full")
+    assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+
+
+def test_loading_names_what_an_incomplete_lm_head_lacks(tmp_path):
     model = saved_masked_lm(tmp_path / "full", tie_word_embeddings=False)
-    with pytest.raises(ValueError, match=r"decoder\.weight: checkpoint \(40, 16\) vs head \(41, 16\)"):
-        load_pretrained_mlm_head(MaskedLanguageModelingHead(hidden_size=16, vocab_size=41), tmp_path / "full")
     partial = {k: v for k, v in model.state_dict().items() if "transform.dense" not in k}
-    torch.save(partial, tmp_path / "partial.bin")
-    with pytest.raises(ValueError, match=r"missing cls\.predictions\.transform\.dense\.weight"):
-        load_pretrained_mlm_head(MaskedLanguageModelingHead(hidden_size=16, vocab_size=40), tmp_path / "partial.bin")
+    save_weights_only(tmp_path / "partial", model, partial)
+    lacking = r"cls\.predictions\.transform\.dense\.bias, cls\.predictions\.transform\.dense\.weight$"
+    with pytest.raises(ValueError, match=r"partial: incomplete LM head, missing " + lacking):
+        load_pretrained_mlm_head(MaskedLanguageModelingHead(hidden_size=16, vocab_size=40), tmp_path / "partial")
 
 
 def test_loading_from_a_missing_path_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(OSError, match="nowhere"):
         load_pretrained_mlm_head(MaskedLanguageModelingHead(hidden_size=16, vocab_size=40), tmp_path / "nowhere")

@@ -13,8 +13,9 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
 from glipv2_d2 import add_glipv2_config
-from glipv2_d2.data.datasets import generate_synthetic_shapes, register_all_glipv2_datasets
+from glipv2_d2.data.datasets import register_all_glipv2_datasets
 from glipv2_d2.engine.trainer import GLIPv2Trainer
+from glipv2_quickstart import generate_synthetic_shapes
 
 from .tiny_model import REPO, tiny_cfg
 

@@ -7,7 +7,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from glipv2_d2.checkpoint import CheckpointMismatchError, convert_official_state_dict
-from glipv2_d2.data.prompts import build_labeled_prompt, spans_to_token_map, tokenize_prompts
+from glipv2_d2.data.prompts import build_labeled_prompt, category_uid, encode_prompt, token_map_to_positive_map
 
 from .test_training_step import _scene
 from .tiny_model import tiny_cfg
@@ -25,34 +25,33 @@ def _pretraining_cfg(inter_image: bool = True, mlm: bool = True):
     return cfg
 
 
-def _sample(model, caption: str, spans: dict, scene: list, task: str, weak: bool = False) -> dict:
-    tokens = tokenize_prompts(model.tokenizer, [caption], model.max_query_len)
-    token_map = spans_to_token_map(tokens, spans, model.max_query_len, caption=caption)
-    num_tokens = int(tokens["attention_mask"].sum())
+def _sample(model, caption: str, spans: dict, scene: list, detection: bool, loss_weight: float = 1.0) -> dict:
+    """One image with its prompt: category names (``detection``: boxes carry their category uid) or a
+    free-form sentence whose label 0 is a phrase."""
+    prompt = encode_prompt(
+        model.tokenizer, caption, spans, model.max_query_len,
+        label_names=NAMES if detection else None, names_categories=detection,
+    )
     instances = Instances((128, 128))
     instances.gt_boxes = Boxes(torch.tensor([b[1:] for b in scene], dtype=torch.float32))
-    instances.gt_classes = torch.tensor([b[0] for b in scene])
-    positive_map = torch.zeros(len(scene), num_tokens, dtype=torch.bool)
-    for row, (label, *_) in enumerate(scene):
-        positive_map[row, token_map[label]] = True
-    instances.positive_map = positive_map
+    labels = [b[0] for b in scene]
+    instances.gt_classes = torch.tensor(labels)
+    instances.positive_map = token_map_to_positive_map(prompt.label_to_tokens, labels, len(prompt)).bool()
+    if detection:
+        instances.gt_category_uids = torch.tensor([category_uid(NAMES[label]) for label in labels])
     return {
         "image": torch.as_tensor(_scene(scene).transpose(2, 0, 1).copy()),
-        "caption": caption,
-        "input_ids": tokens["input_ids"][0, :num_tokens],
-        "attention_mask": tokens["attention_mask"][0, :num_tokens],
+        "prompt": prompt,
         "instances": instances,
-        "label_to_tokens": token_map,
-        "task": task,
-        "weak": weak,
+        "loss_weight": loss_weight,
     }
 
 
 def _mixed_batch(model) -> list[dict]:
     """Two detection prompts sharing 'red square' and one grounding sentence mentioning it."""
-    detection = [_sample(model, *build_labeled_prompt(NAMES), scene, "detection") for scene in SCENES[:2]]
+    detection = [_sample(model, *build_labeled_prompt(NAMES), scene, detection=True) for scene in SCENES[:2]]
     sentence = "a red square on grey"
-    grounding = _sample(model, sentence, {0: [(0, 12)]}, SCENES[2], "grounding")
+    grounding = _sample(model, sentence, {0: [(0, 12)]}, SCENES[2], detection=False)
     return [*detection, grounding]
 
 
@@ -94,19 +93,20 @@ def test_mlm_masks_in_training_only_and_reproducibly():
     model = build_model(_pretraining_cfg(inter_image=False)).train()
     batch = _mixed_batch(model)
     torch.manual_seed(3)
-    first = model.encode_text(batch)
+    prompts = [x["prompt"] for x in batch]
+    first = model.encode_text(prompts, batch)
     torch.manual_seed(3)
-    again = model.encode_text(batch)
+    again = model.encode_text(prompts, batch)
     assert torch.equal(first.mlm_labels, again.mlm_labels) and torch.equal(first.hidden, again.hidden)
     labelled = first.mlm_labels != -100
     assert labelled.any()
     # Never special or padding tokens: [CLS] at 0, and nothing past each prompt's mask.
     assert not labelled[:, 0].any() and not (labelled & (first.mask == 0)).any()
-    ids = torch.nn.utils.rnn.pad_sequence([x["input_ids"] for x in batch], batch_first=True)
+    ids = torch.nn.utils.rnn.pad_sequence([p.input_ids for p in prompts], batch_first=True)
     assert torch.equal(first.mlm_labels[labelled], ids[labelled])
 
     model.eval()
-    clean = model.encode_text(batch)
+    clean = model.encode_text(prompts)
     assert clean.mlm_labels is None
     with torch.no_grad():
         expected = model.language_backbone(ids, (ids != 0).long())["hidden"]
@@ -120,25 +120,23 @@ def test_mlm_only_positive_phrases_masks_grounded_tokens_only():
     model = build_model(cfg).train()
     batch = _mixed_batch(model)
     torch.manual_seed(0)
-    labels = model.encode_text(batch).mlm_labels
+    labels = model.encode_text([x["prompt"] for x in batch], batch).mlm_labels
     # Images sharing a prompt share its corruption: the candidates are the union of their phrases.
     for x, row in zip(batch, labels):
         grounded = torch.stack([
-            y["instances"].positive_map.any(dim=0) for y in batch if y["caption"] == x["caption"]
+            y["instances"].positive_map.any(dim=0) for y in batch if y["prompt"].caption == x["prompt"].caption
         ]).any(dim=0)
         chosen = row[: grounded.shape[0]] != -100
         assert torch.equal(chosen, grounded)
     assert not torch.equal(labels[0] != -100, labels[2][: labels.shape[1]] != -100)
 
 
-def test_weak_samples_scale_their_grounding_losses():
+def test_loss_weight_scales_an_images_grounding_losses():
     torch.manual_seed(0)
-    cfg = _pretraining_cfg(inter_image=False, mlm=False)
-    cfg.MODEL.WEAK_SAMPLE_LOSS_WEIGHT = 0.25
-    model = build_model(cfg).train()
+    model = build_model(_pretraining_cfg(inter_image=False, mlm=False)).train()
     caption, spans = build_labeled_prompt(NAMES)
-    strong = [_sample(model, caption, spans, SCENES[0], "caption")]
-    weak = [_sample(model, caption, spans, SCENES[0], "caption", weak=True)]
+    strong = [_sample(model, caption, spans, SCENES[0], detection=False)]
+    weak = [_sample(model, caption, spans, SCENES[0], detection=False, loss_weight=0.25)]
     torch.manual_seed(1)
     plain = model(strong)
     torch.manual_seed(1)
@@ -158,7 +156,7 @@ def test_scoring_with_pre_fusion_text_drops_the_last_text_layer():
     batch = _mixed_batch(model)[:1]
     with torch.no_grad():
         images = model.preprocess_image(batch)
-        text = model.encode_text(batch)
+        text = model.encode_text([x["prompt"] for x in batch])
         outputs = model.run_network(images, text)
         expected = model.head(outputs.features, text.hidden)
     torch.testing.assert_close(outputs.logits, expected["logits"])
@@ -197,3 +195,24 @@ def test_training_only_heads_are_optional_when_loading_official_weights():
     some_key = sorted(plain_keys)[0]
     with pytest.raises(CheckpointMismatchError, match="absent"):
         convert_official_state_dict(heads, {some_key: plain.state_dict()[some_key]})
+
+
+def test_label_propagation_reads_the_prompts_and_box_uids():
+    """L_inter's labels come from the prompts' token categories and the boxes' gt_category_uids."""
+    torch.manual_seed(0)
+    model = build_model(_pretraining_cfg(mlm=False)).train()
+    batch = _mixed_batch(model)
+    seen = []
+    handle = model.inter_image_loss.register_forward_hook(lambda module, args, output: seen.append(args[3]))
+    try:
+        model(batch)
+    finally:
+        handle.remove()
+    (labels,) = seen
+    assert labels.is_detection.tolist() == [True, True, False]
+    red = category_uid(NAMES[0])
+    for row, x in enumerate(batch[:2]):
+        tokens = x["prompt"].label_to_tokens[0]
+        assert (labels.token_categories[row, tokens] == red).all()
+        assert labels.gt_categories[row].tolist() == [category_uid(NAMES[b[0]]) for b in SCENES[row]]
+    assert (labels.token_categories[2] == -1).all() and labels.gt_categories[2].tolist() == [-1]

@@ -6,7 +6,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from glipv2_d2.data.prompts import build_labeled_prompt, spans_to_token_map, tokenize_prompts
+from glipv2_d2.data.prompts import build_labeled_prompt, encode_prompt, token_map_to_positive_map
 
 from .tiny_model import tiny_cfg
 
@@ -22,23 +22,20 @@ def _scene(boxes: list[tuple[int, int, int, int, int]], size: int = 128) -> np.n
 
 
 def tiny_batch(model) -> list[dict]:
+    """Two scenes sharing one detection prompt of NAMES, with boolean positive maps."""
     caption, spans = build_labeled_prompt(NAMES)
-    tokens = tokenize_prompts(model.tokenizer, [caption], model.max_query_len)
-    token_map = spans_to_token_map(tokens, spans, model.max_query_len, caption=caption)
-    num_tokens = int(tokens["attention_mask"].sum())
+    prompt = encode_prompt(
+        model.tokenizer, caption, spans, model.max_query_len, label_names=NAMES, names_categories=True
+    )
     batch = []
     for scene in ([(0, 10, 20, 60, 70), (1, 70, 60, 120, 110)], [(2, 30, 30, 100, 90)]):
         instances = Instances((128, 128))
         instances.gt_boxes = Boxes(torch.tensor([b[1:] for b in scene], dtype=torch.float32))
-        positive_map = torch.zeros(len(scene), num_tokens, dtype=torch.bool)
-        for row, (label, *_) in enumerate(scene):
-            positive_map[row, token_map[label]] = True
-        instances.positive_map = positive_map
+        labels = [label for label, *_ in scene]
+        instances.positive_map = token_map_to_positive_map(prompt.label_to_tokens, labels, len(prompt)).bool()
         batch.append({
             "image": torch.as_tensor(_scene(scene).transpose(2, 0, 1).copy()),
-            "caption": caption,
-            "input_ids": tokens["input_ids"][0, :num_tokens],
-            "attention_mask": tokens["attention_mask"][0, :num_tokens],
+            "prompt": prompt,
             "instances": instances,
         })
     return batch

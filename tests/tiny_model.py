@@ -2,11 +2,17 @@
 
 from pathlib import Path
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 
-from glipv2_d2 import add_glipv2_config
+from glipv2_d2.config import setup_cfg
 
 REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "Base-GLIPv2.yaml"
+
+
+def base_cfg() -> CfgNode:
+    """GLIP-T as every config file starts from (configs/Base-GLIPv2.yaml), still mutable for a test."""
+    return setup_cfg(BASE_CONFIG, freeze=False)
 
 
 def tiny_cfg() -> CfgNode:
@@ -15,8 +21,7 @@ def tiny_cfg() -> CfgNode:
     PRIOR_PROB 0.5 starts region-word probabilities near 0.5, so an untrained model still returns
     detections above the 0.05 threshold and the tests compare non-empty outputs.
     """
-    cfg = add_glipv2_config(get_cfg())
-    cfg.merge_from_file(str(REPO / "configs" / "quickstart" / "demo.yaml"))
+    cfg = setup_cfg(REPO / "configs" / "quickstart" / "demo.yaml", freeze=False)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.LANGUAGE_BACKBONE.LOAD_PRETRAINED = False
     cfg.MODEL.LANGUAGE_BACKBONE.NUM_HIDDEN_LAYERS = 2

@@ -28,15 +28,14 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
 from torch import nn
 
-from glipv2_d2 import add_glipv2_config
-from glipv2_d2.engine.predictor import build_prompt_chunks
-from glipv2_d2.modeling.meta_arch import rescale_instances
+from glipv2_d2.checkpoint import GLIPv2Checkpointer
+from glipv2_d2.config import setup_cfg
+from glipv2_d2.data.prompt_builder import PromptBuilder
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COCO_NAMES = [c["name"] for c in COCO_CATEGORIES if c["isthing"] == 1]
@@ -56,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes before timing")
     parser.add_argument("--height", type=int, default=800, help="image height as the network receives it")
     parser.add_argument("--width", type=int, default=1333, help="image width as the network receives it")
-    parser.add_argument("--weights", default="", help="converted checkpoint (default: cfg.MODEL.WEIGHTS, "
-                                                      "else random init)")
+    parser.add_argument("--weights", default="", help="official GLIP or converted checkpoint (default: "
+                                                      "cfg.MODEL.WEIGHTS, else random init)")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     parser.add_argument("--profile-stages", action="store_true",
                         help="also time each stage (fp32) to see where the time goes")
@@ -74,27 +73,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def setup(args: argparse.Namespace) -> tuple[CfgNode, nn.Module]:
     """Build the model the way the other tools do, so the benchmark times what they run."""
-    cfg = add_glipv2_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = args.device
+    cfg = setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", args.device])
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
     torch.manual_seed(SEED)
     model = build_model(cfg).eval()
     weights = args.weights or cfg.MODEL.WEIGHTS
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        GLIPv2Checkpointer(model, strict=True).load(weights)
     return cfg, model
 
 
 def make_inputs(model: nn.Module, cfg: CfgNode, batch_size: int, height: int, width: int) -> list[dict]:
     """One batch of random uint8 images, each with the COCO vocabulary as a single prompt."""
-    max_len = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
-    chunks = build_prompt_chunks(model.tokenizer, COCO_NAMES, max_len)
-    if len(chunks) != 1:
+    prompts = PromptBuilder(cfg, model.tokenizer).categories(COCO_NAMES)
+    if len(prompts) != 1:
         raise ValueError(
-            f"the {len(COCO_NAMES)} COCO names need {len(chunks)} prompts of at most {max_len} tokens, but the "
-            "benchmark times one prompt per image: add MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256"
+            f"the {len(COCO_NAMES)} COCO names need {len(prompts)} prompts of at most "
+            f"{cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN} tokens, but the benchmark times one prompt per image: "
+            "add MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256 (and TEST.PROMPT_CHUNK_SIZE 0)"
         )
     generator = torch.Generator().manual_seed(SEED)
     return [
@@ -102,8 +98,7 @@ def make_inputs(model: nn.Module, cfg: CfgNode, batch_size: int, height: int, wi
             "image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
             "height": height,
             "width": width,
-            "caption": chunks[0].caption,
-            "label_to_tokens": chunks[0].label_to_tokens,
+            "prompt": prompts[0],
         }
         for _ in range(batch_size)
     ]
@@ -172,23 +167,17 @@ def profile_stages(model: nn.Module, inputs: list[dict], device: str, iters: int
         mark()
         return result, marks[-1] - marks[-2]
 
-    def post_process(outputs, images) -> list:
-        anchors = model.anchor_generator(outputs.features)
-        label_maps = [x["label_to_tokens"] for x in inputs]
-        results = model.post_processor(outputs.bbox_reg, outputs.centerness, outputs.logits, anchors,
-                                       images.image_sizes, label_maps)
-        return [rescale_instances(r, x["height"], x["width"]) for r, x in zip(results, inputs)]
-
+    prompts = [x["prompt"] for x in inputs]
     totals = dict.fromkeys(STAGES, 0.0)
     hooks = [model.backbone.register_forward_pre_hook(mark), model.backbone.register_forward_hook(mark)]
     try:
         with torch.inference_mode():
             for step in range(warmup + iters):
                 images, t_pre = timed(model.preprocess_image, inputs)
-                text, t_text = timed(model.encode_text, inputs)
+                text, t_text = timed(model.encode_text, prompts)
                 outputs, t_net = timed(model.run_network, images, text)
                 t_backbone = marks[-2] - marks[-3]  # the hooks' marks, between run_network's own
-                _, t_post = timed(post_process, outputs, images)
+                _, t_post = timed(model.postprocess, images, inputs, prompts, text, outputs)
                 if step >= warmup:
                     for stage, seconds in zip(STAGES, (t_pre, t_backbone, t_text, t_net - t_backbone, t_post)):
                         totals[stage] += seconds

@@ -12,12 +12,11 @@ import copy
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
 
-from glipv2_d2 import add_glipv2_config
-from glipv2_d2.engine.predictor import build_prompt_chunks
+from glipv2_d2.config import setup_cfg
+from glipv2_d2.data.prompt_builder import PromptBuilder
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,28 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     # TF32 convolutions (cuDNN's default) alone differ from the CPU by ~1e-3; compare true fp32.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = add_glipv2_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.DYHEAD.PRIOR_PROB = 0.3
+    # Built on the CPU and copied to the device; a higher prior gives an untrained model detections to compare.
+    cfg = setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu", "MODEL.DYHEAD.PRIOR_PROB", "0.3"])
     torch.manual_seed(0)
     cpu_model = build_model(cfg).eval()
     gpu_model = copy.deepcopy(cpu_model).to(args.device)
     names = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
-    max_len = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
-    prompts = [build_prompt_chunks(cpu_model.tokenizer, names, max_len)[0],
-               build_prompt_chunks(cpu_model.tokenizer, "a person riding a horse next to a dog", max_len)[0]]
+    builder = PromptBuilder(cfg, cpu_model.tokenizer)
+    prompts = [builder.categories(names)[0], builder.caption("a person riding a horse next to a dog")]
     height, width = args.size
     generator = torch.Generator().manual_seed(0)
     inputs = [{"image": torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8),
-               "caption": p.caption, "label_to_tokens": p.label_to_tokens} for p in prompts]
+               "prompt": p} for p in prompts]
 
     def raw(model, autocast_dtype=None):
         with torch.inference_mode(), torch.autocast(args.device, dtype=autocast_dtype or torch.float32,
                                                     enabled=autocast_dtype is not None):
             images = model.preprocess_image(inputs)
-            out = model.run_network(images, model.encode_text(inputs))
+            out = model.run_network(images, model.encode_text(prompts))
             detections = model(inputs)
         logits = torch.cat([x.flatten(1, -2) for x in out.logits], dim=1)
         deltas = torch.cat([x.flatten(2) for x in out.bbox_reg], dim=2)

@@ -10,11 +10,10 @@ The conversion is strict: it fails, listing the keys, unless checkpoint and mode
 import argparse
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from glipv2_d2 import add_glipv2_config
 from glipv2_d2.checkpoint import CheckpointMismatchError, convert_official_checkpoint, save_detectron2_checkpoint
+from glipv2_d2.config import setup_cfg
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,10 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = add_glipv2_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"
+    cfg = setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
     try:
         state_dict = convert_official_checkpoint(args.input, model, args.ema, args.trusted_pickle)

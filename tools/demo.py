@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from glipv2_d2 import add_glipv2_config
 from glipv2_d2.checkpoint import CheckpointMismatchError
-from glipv2_d2.data.datasets import register_all_glipv2_datasets
+from glipv2_d2.config import setup_cfg
+from glipv2_d2.data.datasets import coco_category_metadata, register_all_glipv2_datasets
 from glipv2_d2.engine.predictor import GLIPv2Predictor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     text.add_argument("--categories", help="comma-separated category names (detection prompt)")
     text.add_argument("--caption", help="a free-form sentence to ground")
     text.add_argument("--dataset", help="use the category names of this registered dataset as the prompt")
+    text.add_argument("--categories-json",
+                      help="use the categories of this COCO-format json, in id order, as the prompt")
     parser.add_argument("--phrases", help="comma-separated phrases of --caption to ground (default: all of it)")
     parser.add_argument("--max-images", type=int, default=0, help="process at most this many inputs (0: all)")
     parser.add_argument("--output", required=True, help="folder for <image>.png and <image>.json")
@@ -48,13 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    cfg = add_glipv2_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    cfg.freeze()
-    return cfg
+def demo_cfg(args: argparse.Namespace) -> CfgNode:
+    """Training's config of the file and overrides, on CUDA when there is one and --cpu is not given."""
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    return setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", device])
 
 
 def list_images(inputs: list[str]) -> list[Path]:
@@ -107,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset:
         register_all_glipv2_datasets()
         prompt = list(MetadataCatalog.get(args.dataset).thing_classes)
+    elif args.categories_json:
+        prompt = coco_category_metadata(args.categories_json)["thing_classes"]
     else:
         prompt = split_list(args.categories) if args.categories else args.caption
     phrases = split_list(args.phrases)
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --phrases only applies to --caption", file=sys.stderr)
         return 2
     try:
-        predictor = GLIPv2Predictor(setup_cfg(args))
+        predictor = GLIPv2Predictor(demo_cfg(args))
         if args.builtin_image:
             named = [(args.builtin_image, builtin_image(args.builtin_image))]
         else:

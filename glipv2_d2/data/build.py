@@ -2,9 +2,10 @@
 
 Detectron2's TrainingSampler restarts its stream on resume and its workers re-seed their RNGs, so a
 resumed run sees different images and augmentations than the run it continues. Here every sample
-drawn is numbered: draw k of the run reads the dataset entry of k and seeds the augmentation RNGs
-from (seed, k). Resuming at iteration i restarts the stream at draw i x total batch size, so an
-interrupted and an uninterrupted run see identical batches.
+drawn is numbered: draw k of the run reads the dataset entry of k and hands its mapper the seed
+derived from (seed, k), from which every random choice of the sample follows. Resuming at
+iteration i restarts the stream at draw i x total batch size, so an interrupted and an
+uninterrupted run see identical batches, whatever the number of workers.
 
 cfg.DATASETS.TRAIN may mix datasets of different tasks and vocabularies (detection, grounding,
 caption). Each keeps its own records and mapper: a detection set prompts with its own class names,
@@ -20,20 +21,20 @@ a grounding or caption set reads its sentences. Which entry draw k reads is a pu
 
 import logging
 import math
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
-import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_batch_data_loader
 from detectron2.data.build import filter_images_with_only_crowd_annotations, print_instances_class_histogram
 from detectron2.utils import comm
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling.language import build_tokenizer
+from ..utils.seeding import derived_seed
 from .grounding_mapper import GroundingMapper
 from .mappers import DetectionGroundingMapper
 
@@ -59,7 +60,11 @@ TRAIN_TASKS = ("detection", "grounding", "caption")
 _PICK_TAG = 0x5049434B
 _ORDER_TAG = 0x4F524452
 
-Mapper = Callable[[dict], dict | None]
+
+class Mapper(Protocol):
+    """A training mapper: every random choice of the sample derives from `seed`."""
+
+    def __call__(self, dataset_dict: dict, seed: int | None = None) -> dict | None: ...
 
 
 class ResumableDrawSampler(Sampler[int]):
@@ -145,8 +150,9 @@ class RatioOrder:
 
 
 class DrawDataset(Dataset):
-    """Maps draw k -> the mapped entry of k (tagged with its "dataset_name"), with augmentation
-    RNGs seeded from (seed, k). See the module docstring for how the entry is chosen."""
+    """Maps draw k -> the mapped entry of k (tagged with its "dataset_name"), mapped with the seed
+    derived from (seed, k); no global generator is touched. See the module docstring for how the
+    entry is chosen."""
 
     def __init__(self, sources: Sequence[TrainSource], seed: int, ratios: Sequence[float] = ()):
         if not sources:
@@ -167,14 +173,10 @@ class DrawDataset(Dataset):
         return sum(len(source.dataset_dicts) for source in self.sources)
 
     def __getitem__(self, draw: int) -> dict:
-        sample_seed = (self.seed * 1_000_003 + draw) % (2**31)
-        random.seed(sample_seed)
-        np.random.seed(sample_seed)
-        torch.manual_seed(sample_seed)
         dataset, index = self.order(draw)
         source = self.sources[dataset]
         entry = source.dataset_dicts[index]
-        sample = source.mapper(dict(entry))
+        sample = source.mapper(dict(entry), seed=derived_seed(self.seed, draw))
         if sample is None:
             raise ValueError(f"the mapper of {source.name!r} rejected {entry.get('file_name', entry)} (draw {draw})")
         sample["dataset_name"] = source.name
@@ -262,13 +264,17 @@ def _log_shares(dataset: DrawDataset) -> None:
         logger.info("training draws from %s: %.1f%%", source.name, 100 * share)
 
 
-def build_resumable_train_loader(cfg: CfgNode, sources: Sequence[TrainSource] | None = None):
+def build_resumable_train_loader(
+    cfg: CfgNode, sources: Sequence[TrainSource] | None = None
+) -> tuple[DataLoader, ResumableDrawSampler]:
     """Detectron2-style batched loader over cfg.DATASETS.TRAIN with a ResumableDrawSampler.
 
     `sources` replaces the datasets and mappers built from cfg (``build_train_sources``), e.g. to
-    use custom mappers. Returns (loader, sampler); set `sampler.start` before iterating to resume.
+    use custom mappers (called as ``mapper(dataset_dict, seed=...)``, see ``Mapper``). Returns (loader,
+    sampler); set `sampler.start` before iterating to resume.
     Aspect-ratio grouping is off: it buffers samples across batches, which would break exact
-    resumption.
+    resumption. The loader seeds its workers from its own generator rather than from torch's global
+    one, which the per-iteration seed hook has just set for the model's dropout.
     """
     names = [source.name for source in sources] if sources is not None else list(cfg.DATASETS.TRAIN)
     ratios = validated_train_ratios(cfg.DATASETS.TRAIN_RATIOS, names)
@@ -283,5 +289,6 @@ def build_resumable_train_loader(cfg: CfgNode, sources: Sequence[TrainSource] | 
         cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=False,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
+        seed=cfg.DATALOADER.SEED,
     )
     return loader, sampler

@@ -1,15 +1,14 @@
-"""Phrase-grounding and pseudo-labelled caption dataset dicts -> GLIPv2 inputs (DESIGN.md section 3).
+"""Phrase-grounding and pseudo-labelled caption dataset dicts -> GLIPv2 inputs.
 
 The sentence itself is the text the model reads; each box's character spans ("tokens_positive")
 become a BOOLEAN row of ``instances.positive_map`` over the caption's tokens, the same form as
-DetectionGroundingMapper's. Augmentations and their per-draw seeding are the detection mapper's.
+DetectionGroundingMapper's. Augmentations and their per-sample seeding are the detection mapper's.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import random
 import re
 from collections.abc import Callable, Sequence
 
@@ -22,9 +21,10 @@ from detectron2.structures import Instances
 from detectron2.utils.logger import log_every_n_seconds
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from ..modeling.language import build_tokenizer
-from .mappers import build_detection_augmentations, read_and_augment, sample_rng, transformed_instances
-from .prompts import spans_to_token_map, token_map_to_positive_map, tokenize_prompts
+from ..structures import Prompt
+from .mappers import build_detection_augmentations, read_and_augment, sample_randomness, transformed_instances
+from .prompt_builder import PromptBuilder
+from .prompts import check_spans, token_map_to_positive_map
 
 __all__ = ["GroundingMapper", "swap_left_right"]
 
@@ -91,12 +91,6 @@ def _where(dataset_dict: dict) -> str:
     return f"{dataset_dict.get('file_name')} (image {dataset_dict.get('image_id')})"
 
 
-def _check_inside(spans: Sequence[Span], caption: str, where: str) -> None:
-    for span in spans:
-        if len(span) != 2 or not 0 <= span[0] < span[1] <= len(caption):
-            raise ValueError(f"{where}: span {list(span)} is empty or outside the caption {caption!r}")
-
-
 def _visible_spans(spans: Sequence[Span], caption: str, move: PositionMap | None, kept_end: int) -> list[Span]:
     """Spans in the (possibly mirrored) caption, cut at the truncation point; gone ones dropped."""
     visible = []
@@ -118,12 +112,13 @@ class GroundingMapper:
     i marks the tokens of box i's spans. Boxes the caption does not mention (no span) are dropped:
     no token can match them. When the image ends up mirrored, "left" and "right" are swapped in
     the caption (``swap_left_right``) and the spans follow. Outputs "image", "instances"
-    (gt_boxes, gt_classes, positive_map, gt_masks with MASK_ON), "caption", "input_ids",
-    "attention_mask", "task", "weak", "height", "width"; "annotations" and "phrases" are removed.
+    (gt_boxes, gt_classes, positive_map, gt_masks with MASK_ON), "prompt" (labels = box rows),
+    "loss_weight" (MODEL.WEAK_SAMPLE_LOSS_WEIGHT for "weak" records, else 1), "height", "width";
+    "annotations" and "phrases" are removed.
 
     Test: no annotation is consumed; "phrases" and "annotations" stay untouched for the evaluator,
-    and "label_to_tokens" maps label id = index into "phrases" -> the token indices of its spans.
-    A phrase truncated away entirely has no entry (it gets no prediction, an evaluator miss).
+    and the prompt's labels are indices into "phrases" (their tokens those of the phrase's spans).
+    A phrase truncated away entirely has no label (it gets no prediction, an evaluator miss).
 
     A span outside the caption is an error naming the image and the span.
     """
@@ -135,24 +130,22 @@ class GroundingMapper:
         *,
         augmentations: Sequence[T.Augmentation],
         image_format: str,
-        tokenizer: PreTrainedTokenizerBase,
-        max_query_len: int = 256,
+        prompt_builder: PromptBuilder,
+        weak_loss_weight: float = 1.0,
         swap_left_right: bool = True,
         use_instance_mask: bool = False,
         instance_mask_format: str = "polygon",
-        seed: int | None = None,
     ):
         if image_format not in ("BGR", "RGB"):
             raise ValueError(f"image_format must be 'BGR' or 'RGB', got {image_format!r}")
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
-        self.tokenizer = tokenizer
-        self.max_query_len = max_query_len
+        self.prompt_builder = prompt_builder
+        self.weak_loss_weight = weak_loss_weight
         self.swap_left_right = swap_left_right
         self.use_instance_mask = use_instance_mask
         self.instance_mask_format = instance_mask_format
-        self._rng = random.Random(seed) if seed is not None else None
 
     @classmethod
     def from_config(
@@ -160,21 +153,16 @@ class GroundingMapper:
         cfg: CfgNode,
         is_train: bool = True,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        *,
-        seed: int | None = None,
     ) -> dict:
         """Pass the model's tokenizer (``model.tokenizer``); without one, the config's is built."""
-        if tokenizer is None:
-            tokenizer = build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER)
         return {
             "is_train": is_train,
             "augmentations": build_detection_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
-            "tokenizer": tokenizer,
-            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
+            "prompt_builder": PromptBuilder(cfg, tokenizer),
+            "weak_loss_weight": cfg.MODEL.WEAK_SAMPLE_LOSS_WEIGHT,
             "use_instance_mask": cfg.MODEL.MASK_ON,
             "instance_mask_format": cfg.INPUT.MASK_FORMAT,
-            "seed": seed,
         }
 
     def _instances(
@@ -199,77 +187,76 @@ class GroundingMapper:
         tokenized: BatchEncoding,
         transforms: T.TransformList,
         image_hw: tuple[int, int],
-    ) -> Instances:
+    ) -> tuple[Prompt, Instances]:
+        """The caption's prompt (label = row of a kept box) and the kept boxes with their token rows."""
         where = _where(dataset_dict)
         caption = dataset_dict["caption"]
         annotations = [obj for obj in dataset_dict.pop("annotations", None) or [] if obj.get("iscrowd", 0) == 0]
         kept_end = _kept_end(tokenized)
         visible = []
         for i, obj in enumerate(annotations):
-            spans = list(obj.get("tokens_positive") or [])
-            _check_inside(spans, original_caption, f"{where}, box #{i}")
+            spans = check_spans(obj.get("tokens_positive") or [], original_caption, f"{where}, box #{i}")
             visible.append(_visible_spans(spans, caption, move, kept_end))
         truncated = sum(bool(obj.get("tokens_positive")) and not v for obj, v in zip(annotations, visible))
         if truncated:
             log_every_n_seconds(
                 logging.WARNING,
-                f"{where}: dropped {truncated} boxes whose phrases lie beyond MAX_QUERY_LEN={self.max_query_len}",
+                f"{where}: dropped {truncated} boxes whose phrases lie beyond "
+                f"MAX_QUERY_LEN={self.prompt_builder.max_query_len}",
                 n=30,
                 name=__name__,
             )
         kept = [i for i, spans in enumerate(visible) if spans]
-        spans_per_row = {row: visible[i] for row, i in enumerate(kept)}
-        token_map = spans_to_token_map(tokenized, spans_per_row, self.max_query_len, caption=caption)
-        num_tokens = len(tokenized["input_ids"][0])
-        positive_map = token_map_to_positive_map(token_map, list(range(len(kept))), num_tokens).bool()
-        return self._instances([annotations[i] for i in kept], transforms, image_hw, positive_map)
+        prompt = self.prompt_builder.encode(
+            caption, {row: visible[i] for row, i in enumerate(kept)}, tokenized=tokenized
+        )
+        positive_map = token_map_to_positive_map(prompt.label_to_tokens, list(range(len(kept))), len(prompt)).bool()
+        return prompt, self._instances([annotations[i] for i in kept], transforms, image_hw, positive_map)
 
-    def _phrase_tokens(
+    def _phrase_prompt(
         self, dataset_dict: dict, original_caption: str, move: PositionMap | None, tokenized: BatchEncoding
-    ) -> dict[int, list[int]]:
-        """label id (index into "phrases") -> token indices; phrases truncated away are left out."""
+    ) -> Prompt:
+        """The caption's prompt with label = index into "phrases"; phrases truncated away are left out."""
         where = _where(dataset_dict)
         caption = dataset_dict["caption"]
         kept_end = _kept_end(tokenized)
         visible = {}
         for label, phrase in enumerate(dataset_dict.get("phrases") or []):
-            spans = list(phrase.get("tokens_positive") or [])
-            _check_inside(spans, original_caption, f"{where}, phrase #{label}")
+            spans = check_spans(phrase.get("tokens_positive") or [], original_caption, f"{where}, phrase #{label}")
             visible[label] = _visible_spans(spans, caption, move, kept_end)
         missing = [label for label, spans in visible.items() if not spans]
         if missing:
             logger.warning(
-                "%s: phrases %s lie beyond MAX_QUERY_LEN=%d; they get no prediction", where, missing, self.max_query_len
+                "%s: phrases %s lie beyond MAX_QUERY_LEN=%d; they get no prediction",
+                where, missing, self.prompt_builder.max_query_len,
             )
         spans_per_label = {label: spans for label, spans in visible.items() if spans}
-        return spans_to_token_map(tokenized, spans_per_label, self.max_query_len, caption=caption)
+        names = {label: " ".join(caption[a:b] for a, b in spans) for label, spans in spans_per_label.items()}
+        return self.prompt_builder.encode(caption, spans_per_label, label_names=names, tokenized=tokenized)
 
-    def __call__(self, dataset_dict: dict) -> dict:
+    def __call__(self, dataset_dict: dict, seed: int | None = None) -> dict:
+        """Every random choice of this sample derives from ``seed`` (see ``sample_randomness``)."""
         dataset_dict = copy.deepcopy(dataset_dict)
         original_caption = dataset_dict.get("caption")
         if not isinstance(original_caption, str) or not original_caption.strip():
             raise ValueError(f"{_where(dataset_dict)}: a grounding record needs a non-empty 'caption'")
-        image, transforms = read_and_augment(
-            dataset_dict, self.image_format, self.augmentations, sample_rng(self._rng), seeded=self._rng is not None
-        )
+        with sample_randomness(seed):
+            image, transforms = read_and_augment(dataset_dict, self.image_format, self.augmentations)
         image_hw = image.shape[:2]
         move = None
         caption = original_caption
         if self.swap_left_right and _is_mirrored(transforms):
             caption, move = swap_left_right(original_caption)
-        tokenized = tokenize_prompts(self.tokenizer, caption, self.max_query_len)
+        tokenized = self.prompt_builder.tokenize(caption)
         dataset_dict.update(
             image=torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
             caption=caption,
-            input_ids=tokenized["input_ids"][0],
-            attention_mask=tokenized["attention_mask"][0],
-            task=dataset_dict.get("task", "grounding"),
-            weak=bool(dataset_dict.get("weak", False)),
+            loss_weight=self.weak_loss_weight if dataset_dict.get("weak", False) else 1.0,
         )
         if not self.is_train:
-            dataset_dict["label_to_tokens"] = self._phrase_tokens(dataset_dict, original_caption, move, tokenized)
+            dataset_dict["prompt"] = self._phrase_prompt(dataset_dict, original_caption, move, tokenized)
             return dataset_dict
-        dataset_dict["instances"] = self._train_targets(
+        dataset_dict["prompt"], dataset_dict["instances"] = self._train_targets(
             dataset_dict, original_caption, move, tokenized, transforms, image_hw
         )
         dataset_dict.pop("phrases", None)

@@ -1,12 +1,12 @@
-"""Detectron2 dataset mappers: dataset dicts -> the GLIPv2 model's inputs (DESIGN.md section 3).
+"""Detectron2 dataset mappers: dataset dicts -> the GLIPv2 model's inputs.
 
 Text is tokenized here, in the data-loader workers, with the model's own tokenizer, and left
 unpadded: the model pads a batch to its longest prompt (or to MAX_QUERY_LEN).
 
-Randomness (augmentations, prompt sampling) comes from Python's and NumPy's global generators, as
-Detectron2's augmentations do, so the per-worker seeding of Detectron2's data loader makes it
-reproducible. ``seed=`` gives a mapper its own generator instead, for tests and single-process use
-(every copy of the mapper, e.g. one per worker, then repeats the same stream).
+Every random choice of a sample (augmentations, prompt sampling) derives from the one seed a
+training mapper is called with, ``mapper(dataset_dict, seed=...)``: the resumable training loader
+passes a seed derived from (DATALOADER.SEED, draw), so a sample does not depend on which worker
+maps it. Without one (Detectron2's test loaders) a fresh seed is drawn from Python's global generator.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import random
-import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -28,26 +27,18 @@ from detectron2.structures import Instances
 from detectron2.utils.logger import log_every_n_seconds
 from transformers import PreTrainedTokenizerBase
 
-from ..modeling.language import build_tokenizer
+from ..structures import Prompt
+from ..utils.seeding import fresh_seed
 from .image_io import read_image
-from .prompts import (
-    DEFAULT_SEPARATOR,
-    build_labeled_prompt,
-    chunk_categories,
-    clean_category_name,
-    sample_detection_prompt,
-    spans_to_token_map,
-    token_map_to_positive_map,
-    tokenize_prompts,
-)
+from .prompt_builder import PromptBuilder
+from .prompts import category_uid, token_map_to_positive_map
 from .transforms import LegacyResizeShortestEdge, build_test_resize
 
 __all__ = [
     "DetectionGroundingMapper",
     "build_detection_augmentations",
-    "category_uid",
     "read_and_augment",
-    "sample_rng",
+    "sample_randomness",
     "transformed_instances",
 ]
 
@@ -82,44 +73,34 @@ def build_detection_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmen
     return augmentations
 
 
-def category_uid(name: str) -> int:
-    """Non-negative id of a category name that every dataset shares ("person" of COCO and of
-    Objects365 alike), unlike contiguous ids; the inter-image loss compares categories across images."""
-    return zlib.crc32(clean_category_name(name).lower().encode("utf-8")) & 0x7FFFFFFF
-
-
 @contextmanager
-def global_rngs_seeded(seed: int | None) -> Iterator[None]:
-    """Let Detectron2 augmentations (global RNGs) draw from ``seed``, restoring the global state after."""
-    if seed is None:
-        yield
-        return
+def sample_randomness(seed: int | None) -> Iterator[random.Random]:
+    """Scope in which every random choice of one sample derives from ``seed`` (a fresh one if None).
+
+    Detectron2's augmentations draw from Python's and NumPy's global generators, so both are seeded
+    with ``seed`` inside and restored on exit; nothing else sees them move. The yielded generator, for
+    the sample's other choices (its prompt), is seeded from Python's first 64 bits: the order of draws
+    the training stream has always had, so a given (DATALOADER.SEED, draw) keeps its sample.
+    """
+    seed = fresh_seed() if seed is None else seed
     python_state, numpy_state = random.getstate(), np.random.get_state()
     random.seed(seed)
     np.random.seed(seed)
     try:
-        yield
+        yield random.Random(random.getrandbits(64))
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
 
 
-def sample_rng(mapper_rng: random.Random | None) -> random.Random:
-    """One generator per sample, drawn from the mapper's own stream when it has one (``seed=``),
-    else from Python's global generator (seeded per draw or per worker by the loader)."""
-    return random.Random((mapper_rng if mapper_rng is not None else random).getrandbits(64))
-
-
 def read_and_augment(
-    dataset_dict: dict, image_format: str, augmentations: T.AugmentationList, rng: random.Random, seeded: bool
+    dataset_dict: dict, image_format: str, augmentations: T.AugmentationList
 ) -> tuple[np.ndarray, T.TransformList]:
-    """Read the image, check its recorded size and augment it; a ``seeded`` mapper makes the global
-    generators Detectron2's augmentations draw from follow ``rng``."""
+    """Read the image, check its recorded size and augment it (inside ``sample_randomness``)."""
     image = read_image(dataset_dict["file_name"], image_format)
     utils.check_image_size(dataset_dict, image)
     aug_input = T.AugInput(image)
-    with global_rngs_seeded(rng.getrandbits(32) if seeded else None):
-        transforms = augmentations(aug_input)
+    transforms = augmentations(aug_input)
     return aug_input.image, transforms
 
 
@@ -159,16 +140,16 @@ def _dataset_classes(cfg: CfgNode, is_train: bool, dataset_names: Sequence[str] 
 
 
 class DetectionGroundingMapper:
-    """Detection dataset dict -> grounding input: image, category prompt, tokens, Instances.
+    """Detection dataset dict -> grounding input: image, category prompt, Instances.
 
     Training prompts are the image's categories plus sampled negatives in random order (see
     ``sample_detection_prompt``); boxes whose category does not fit MAX_QUERY_LEN are dropped.
-    ``instances.positive_map`` is BOOLEAN (num_boxes, len(input_ids)): row i marks the tokens of box
-    i's category, the binary form the official loss consumes. "label_uids" maps each label of the
-    prompt (every box's among them) to its ``category_uid``, the category's identity across datasets.
-    Test prompts are every category in dataset order; when they do not fit one prompt only the first
-    chunk (``chunk_categories`` with TEST.PROMPT_CHUNK_SIZE) is given here, and evaluation runs the
-    other chunks itself. As in Detectron2's DatasetMapper, test outputs carry no annotations.
+    ``instances.positive_map`` is BOOLEAN (num_boxes, prompt tokens): row i marks the tokens of box
+    i's category, the binary form the official loss consumes; ``instances.gt_category_uids`` is each
+    box's ``category_uid``, the category's identity across datasets. Test prompts are every category
+    in dataset order; when they do not fit one prompt only the first chunk is given here, and
+    evaluation runs the other chunks itself. As in Detectron2's DatasetMapper, test outputs carry no
+    annotations. The prompt is the output's "prompt" (a ``Prompt``).
     """
 
     @configurable
@@ -178,17 +159,13 @@ class DetectionGroundingMapper:
         *,
         augmentations: Sequence[T.Augmentation],
         image_format: str,
-        tokenizer: PreTrainedTokenizerBase,
+        prompt_builder: PromptBuilder,
         class_names: Sequence[str],
-        max_query_len: int = 256,
         max_negatives: int = 85,
         full_negatives_prob: float = 1.0,
         shuffle_prompt: bool = True,
-        separator: str = DEFAULT_SEPARATOR,
         use_instance_mask: bool = False,
         instance_mask_format: str = "polygon",
-        test_chunk_size: int | None = None,
-        seed: int | None = None,
     ):
         if image_format not in ("BGR", "RGB"):
             raise ValueError(f"image_format must be 'BGR' or 'RGB', got {image_format!r}")
@@ -197,18 +174,15 @@ class DetectionGroundingMapper:
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
-        self.tokenizer = tokenizer
+        self.prompt_builder = prompt_builder
         self.names = dict(enumerate(class_names))
-        self.label_uids = {label: category_uid(name) for label, name in self.names.items()}
-        self.max_query_len = max_query_len
+        self.label_uids = torch.tensor([category_uid(name) for name in class_names], dtype=torch.long)
         self.max_negatives = max_negatives
         self.full_negatives_prob = full_negatives_prob
         self.shuffle_prompt = shuffle_prompt
-        self.separator = separator
         self.use_instance_mask = use_instance_mask
         self.instance_mask_format = instance_mask_format
-        self._rng = random.Random(seed) if seed is not None else None
-        self._test_text = None if is_train else self._test_prompt(test_chunk_size)
+        self._test_prompt = None if is_train else self._first_test_prompt()
 
     @classmethod
     def from_config(
@@ -218,53 +192,37 @@ class DetectionGroundingMapper:
         tokenizer: PreTrainedTokenizerBase | None = None,
         *,
         dataset_names: Sequence[str] | None = None,
-        seed: int | None = None,
     ) -> dict:
         """Pass the model's tokenizer (``model.tokenizer``); without one, the config's is built.
 
         Category names are the ``thing_classes`` of ``dataset_names``, else of cfg.DATASETS.TRAIN or
         cfg.DATASETS.TEST[0]; several datasets must share them.
         """
-        if tokenizer is None:
-            tokenizer = build_tokenizer(cfg.MODEL.LANGUAGE_BACKBONE.TOKENIZER)
         return {
             "is_train": is_train,
             "augmentations": build_detection_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
-            "tokenizer": tokenizer,
+            "prompt_builder": PromptBuilder(cfg, tokenizer),
             "class_names": _dataset_classes(cfg, is_train, dataset_names),
-            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
             "max_negatives": cfg.DATASETS.MAX_NEGATIVE_CATEGORIES,
             "full_negatives_prob": cfg.DATASETS.FULL_NEGATIVES_PROB,
             "shuffle_prompt": cfg.DATASETS.SHUFFLE_PROMPT,
-            "separator": cfg.DATASETS.SEPARATOR,
             "use_instance_mask": cfg.MODEL.MASK_ON,
             "instance_mask_format": cfg.INPUT.MASK_FORMAT,
-            "test_chunk_size": cfg.TEST.PROMPT_CHUNK_SIZE or None,
-            "seed": seed,
         }
 
-    def _test_prompt(self, chunk_size: int | None) -> dict:
+    def _first_test_prompt(self) -> Prompt:
         """The one prompt every test image shares, built once."""
-        chunk = chunk_categories(self.names, self.tokenizer, self.max_query_len, chunk_size, self.separator)[0]
-        if len(chunk) < len(self.names):
+        prompt = self.prompt_builder.categories(self.names)[0]
+        if len(prompt.label_to_tokens) < len(self.names):
             logger.warning(
                 "Test prompt holds the first %d of %d categories (MAX_QUERY_LEN=%d); the rest need the "
                 "chunked evaluation",
-                len(chunk),
+                len(prompt.label_to_tokens),
                 len(self.names),
-                self.max_query_len,
+                self.prompt_builder.max_query_len,
             )
-        return self._encode_text(*build_labeled_prompt(chunk, self.separator))
-
-    def _encode_text(self, caption: str, spans: dict[int, list[tuple[int, int]]]) -> dict:
-        tokenized = tokenize_prompts(self.tokenizer, caption, self.max_query_len)
-        return {
-            "caption": caption,
-            "input_ids": tokenized["input_ids"][0],
-            "attention_mask": tokenized["attention_mask"][0],
-            "label_to_tokens": spans_to_token_map(tokenized, spans, self.max_query_len, caption=caption),
-        }
+        return prompt
 
     def _instances(self, annotations: list[dict], transforms: T.TransformList, image_hw: tuple[int, int]) -> Instances:
         """Transformed, clipped non-crowd boxes; empty ones (e.g. wholly outside the image) removed."""
@@ -274,20 +232,17 @@ class DetectionGroundingMapper:
         )
         return utils.filter_empty_instances(instances)
 
-    def __call__(self, dataset_dict: dict) -> dict:
+    def __call__(self, dataset_dict: dict, seed: int | None = None) -> dict:
+        """Every random choice of this sample derives from ``seed`` (see ``sample_randomness``)."""
         dataset_dict = copy.deepcopy(dataset_dict)
-        rng = sample_rng(self._rng)
-        image, transforms = read_and_augment(
-            dataset_dict, self.image_format, self.augmentations, rng, seeded=self._rng is not None
-        )
+        with sample_randomness(seed) as rng:
+            image, transforms = read_and_augment(dataset_dict, self.image_format, self.augmentations)
         image_hw = image.shape[:2]
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        dataset_dict["task"] = "detection"
         annotations = dataset_dict.pop("annotations", None) or []
 
         if not self.is_train:
-            text = self._test_text
-            dataset_dict.update(text, label_to_tokens={k: list(v) for k, v in text["label_to_tokens"].items()})
+            dataset_dict["prompt"] = self._test_prompt
             return dataset_dict
 
         instances = self._instances(annotations, transforms, image_hw)
@@ -298,16 +253,13 @@ class DetectionGroundingMapper:
                 f"{dataset_dict['file_name']}: category ids {unknown} are outside the {len(self.names)} "
                 "contiguous ids of the dataset's thing_classes"
             )
-        caption, spans, kept = sample_detection_prompt(
+        prompt, kept = self.prompt_builder.sample_detection(
             classes,
             self.names,
-            self.tokenizer,
-            self.max_query_len,
-            self.max_negatives,
             rng,
-            shuffle=self.shuffle_prompt,
-            separator=self.separator,
+            max_negatives=self.max_negatives,
             full_negatives_prob=self.full_negatives_prob,
+            shuffle=self.shuffle_prompt,
         )
         kept_set = set(kept)
         keep = torch.tensor([label in kept_set for label in classes], dtype=torch.bool)
@@ -315,15 +267,14 @@ class DetectionGroundingMapper:
             log_every_n_seconds(
                 logging.WARNING,
                 f"{dataset_dict['file_name']}: dropped {int((~keep).sum())} boxes whose categories do not "
-                f"fit MAX_QUERY_LEN={self.max_query_len}",
+                f"fit MAX_QUERY_LEN={self.prompt_builder.max_query_len}",
                 n=30,
                 name=__name__,
             )
             instances = instances[keep]
-        text = self._encode_text(caption, spans)
         instances.positive_map = token_map_to_positive_map(
-            text["label_to_tokens"], instances.gt_classes.tolist(), len(text["input_ids"])
+            prompt.label_to_tokens, instances.gt_classes.tolist(), len(prompt)
         ).bool()
-        label_uids = {label: self.label_uids[label] for label in text["label_to_tokens"]}
-        dataset_dict.update(text, instances=instances, label_uids=label_uids)
+        instances.gt_category_uids = self.label_uids[instances.gt_classes]
+        dataset_dict.update(prompt=prompt, instances=instances)
         return dataset_dict

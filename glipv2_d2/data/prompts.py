@@ -38,10 +38,13 @@ from __future__ import annotations
 import logging
 import random
 import re
+import zlib
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+from ..structures import NO_CATEGORY, Prompt
 
 __all__ = [
     "DEFAULT_SEPARATOR",
@@ -49,7 +52,9 @@ __all__ = [
     "build_labeled_prompt",
     "chunk_categories",
     "clean_category_name",
-    "detection_query",
+    "category_uid",
+    "check_spans",
+    "encode_prompt",
     "locate_phrases",
     "positive_map_to_token_map",
     "sample_detection_prompt",
@@ -135,11 +140,13 @@ def tokenize_prompts(
     captions: Sequence[str] | str,
     max_len: int = 256,
     pad_to_max: bool = False,
+    warn_truncation: bool = True,
 ) -> BatchEncoding:
     """Tokenize a batch of prompts to at most ``max_len`` tokens, with offsets (for span maps).
 
     Pads to ``max_len`` (the official behaviour) or to the longest prompt. Empty prompts, and prompts
-    with no token besides [CLS]/[SEP], are errors naming the prompt; truncation is logged.
+    with no token besides [CLS]/[SEP], are errors naming the prompt; truncation is logged unless
+    ``warn_truncation`` is False.
     """
     batch = [captions] if isinstance(captions, str) else list(captions)
     if not batch:
@@ -164,7 +171,7 @@ def tokenize_prompts(
             raise ValueError(f"caption #{i} {caption!r} tokenizes to no token besides [CLS]/[SEP]")
         kept_end = int(offsets[i, real[i], 1].max())
         filled = int(tokenized["attention_mask"][i].sum()) == max_len
-        if filled and kept_end < len(caption.rstrip()):
+        if warn_truncation and filled and kept_end < len(caption.rstrip()):
             logger.warning(
                 "caption #%d truncated to %d tokens: characters %d.. dropped (%r...)",
                 i,
@@ -175,15 +182,34 @@ def tokenize_prompts(
     return tokenized
 
 
-def _check_span(label: Label, span: Sequence[int], caption: str | None) -> Span:
-    if len(span) != 2:
-        raise ValueError(f"label {label!r}: span {span!r} is not a [start, end) pair")
-    start, end = int(span[0]), int(span[1])
-    limit = len(caption) if caption is not None else None
-    if start < 0 or end <= start or (limit is not None and end > limit):
-        where = f" in a caption of {limit} characters" if limit is not None else ""
-        raise ValueError(f"label {label!r}: span [{start}, {end}) is empty or outside the caption{where}")
-    return start, end
+def check_spans(spans: Iterable[Sequence[int]], caption: str | None, where: str) -> list[Span]:
+    """``spans`` as ``(start, end)`` int pairs, each checked to be a non-empty ``[start, end)`` inside
+    ``caption``: a span outside it would silently select the wrong tokens later.
+
+    ``where`` names the spans' source (file, image, label) at the start of every error. Without a
+    caption only the lower bound is checked.
+    """
+    if not _is_list_like(spans):
+        raise ValueError(f"{where}: expected a list of [start, end) spans, got {spans!r}")
+    checked = []
+    for span in spans:
+        pair = list(span) if _is_list_like(span) else []
+        if len(pair) != 2:
+            raise ValueError(f"{where}: span {span!r} is not a [start, end) pair")
+        start, end = int(pair[0]), int(pair[1])
+        if caption is None and not 0 <= start < end:
+            raise ValueError(f"{where}: span [{start}, {end}) is empty or starts before the caption")
+        if caption is not None and not 0 <= start < end <= len(caption):
+            raise ValueError(
+                f"{where}: span [{start}, {end}) is empty or outside the caption of {len(caption)} characters "
+                f"{caption!r}"
+            )
+        checked.append((start, end))
+    return checked
+
+
+def _is_list_like(value: object) -> bool:
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes))
 
 
 def spans_to_token_map(
@@ -210,11 +236,11 @@ def spans_to_token_map(
     filled = int(torch.as_tensor(tokenized["attention_mask"])[batch_index].sum()) == max_len
     token_map: dict[Label, list[int]] = {}
     for label, spans in spans_per_label.items():
-        if isinstance(spans, (str, bytes)) or len(spans) == 0:
+        checked = check_spans(spans, caption, f"label {label!r}")
+        if not checked:
             raise ValueError(f"label {label!r}: expected a list of [start, end) spans, got {spans!r}")
         indices: set[int] = set()
-        for span in spans:
-            start, end = _check_span(label, span, caption)
+        for start, end in checked:
             phrase = f" {caption[start:end]!r}" if caption is not None else ""
             last = start + len(caption[start:end].rstrip()) if caption is not None else end
             hit = torch.nonzero(real & (starts < end) & (ends > start)).flatten()
@@ -330,17 +356,49 @@ def chunk_categories(
     return chunks
 
 
-def detection_query(
+def category_uid(name: str) -> int:
+    """Non-negative id of a category name that every dataset shares ("person" of COCO and of
+    Objects365 alike), unlike contiguous ids; the inter-image loss compares categories across images."""
+    return zlib.crc32(clean_category_name(name).lower().encode("utf-8")) & 0x7FFFFFFF
+
+
+def encode_prompt(
     tokenizer: PreTrainedTokenizerBase,
-    items: Sequence[tuple[Label, str]] | Mapping[Label, str],
-    max_len: int = 256,
-    separator: str = DEFAULT_SEPARATOR,
-    pad_to_max: bool = False,
-) -> tuple[str, BatchEncoding, dict[Label, list[int]]]:
-    """Prompt, its tokenization and the label -> token indices map for one chunk of categories."""
-    caption, spans = build_labeled_prompt(items, separator)
-    tokenized = tokenize_prompts(tokenizer, [caption], max_len, pad_to_max)
-    return caption, tokenized, spans_to_token_map(tokenized, spans, max_len, caption=caption)
+    caption: str,
+    spans_per_label: Mapping[int, Sequence[Sequence[int]]],
+    max_len: int,
+    *,
+    label_names: Mapping[int, str] | None = None,
+    names_categories: bool = False,
+    tokenized: BatchEncoding | None = None,
+) -> Prompt:
+    """The ``Prompt`` of a caption: its tokens, each label's tokens and each token's category.
+
+    ``tokenized`` is the caption's ``tokenize_prompts`` output when the caller already has it (a
+    caption is tokenized once). ``names_categories``: the labels are categories named by
+    ``label_names`` (a detection prompt), so their tokens carry the names' ``category_uid``;
+    otherwise (free-form captions) no token has a category.
+    """
+    if tokenized is None:
+        tokenized = tokenize_prompts(tokenizer, caption, max_len)
+    label_to_tokens = spans_to_token_map(tokenized, spans_per_label, max_len, caption=caption)
+    input_ids = torch.as_tensor(tokenized["input_ids"][0], dtype=torch.long)
+    token_categories = torch.full_like(input_ids, NO_CATEGORY)
+    names = dict(label_names or {})
+    if names_categories:
+        missing = sorted(set(label_to_tokens) - set(names), key=str)
+        if missing:
+            raise KeyError(f"prompt {caption!r}: labels {missing} have no category name")
+        for label, tokens in label_to_tokens.items():
+            token_categories[tokens] = category_uid(names[label])
+    return Prompt(
+        caption=caption,
+        input_ids=input_ids,
+        attention_mask=torch.as_tensor(tokenized["attention_mask"][0], dtype=torch.long),
+        label_to_tokens=label_to_tokens,
+        token_categories=token_categories,
+        label_names=names,
+    )
 
 
 def _name_costs(
@@ -375,14 +433,14 @@ def sample_detection_prompt(
     separator: str = DEFAULT_SEPARATOR,
     *,
     full_negatives_prob: float = 1.0,
-) -> tuple[str, dict[Label, list[Span]], list[Label]]:
+) -> tuple[Prompt, list[Label]]:
     """Training prompt of a detection image: its categories plus sampled negatives, within ``max_len``.
 
-    Returns (caption, {label: [span]} for every prompted label, the positive labels that fit, in
-    prompt order); boxes of positives missing from the last list must be dropped, since the prompt
-    cannot name them. Negatives: with probability ``full_negatives_prob`` ``max_negatives`` labels
-    are drawn, otherwise a uniform count in 1..``max_negatives`` (official CONTROL_PROB); labels that
-    are positives are then removed. ``shuffle=False`` keeps the vocabulary's order (and keeps the
+    Returns the encoded prompt (every prompted label's tokens, category tokens marked) and the positive
+    labels that fit, in prompt order; boxes of positives missing from that list must be dropped, since
+    the prompt cannot name them. Negatives: with probability ``full_negatives_prob`` ``max_negatives``
+    labels are drawn, otherwise a uniform count in 1..``max_negatives`` (official CONTROL_PROB); labels
+    that are positives are then removed. ``shuffle=False`` keeps the vocabulary's order (and keeps the
     first positives that fit). All randomness comes from ``rng``, so a seeded ``rng`` reproduces the
     prompt. A prompt cannot be empty: with no positive and no negative, one random negative is used.
     """
@@ -427,14 +485,20 @@ def sample_detection_prompt(
         labels.sort(key=order.__getitem__)
     while True:
         caption, spans = build_labeled_prompt([(label, all_names[label]) for label in labels], separator)
-        length = _prompt_length(tokenizer, caption)
-        if length <= max_len:
+        # One token more than allowed reveals an overflow; a prompt that fits is tokenized exactly.
+        tokenized = tokenize_prompts(tokenizer, caption, max_len + 1, warn_truncation=False)
+        if len(tokenized["input_ids"][0]) <= max_len:
             break
         if len(labels) == 1:
-            raise ValueError(f"category {labels[0]!r} ({all_names[labels[0]]!r}) alone needs {length} tokens")
+            name = all_names[labels[0]]
+            raise ValueError(f"category {labels[0]!r} ({name!r}) alone needs more than {max_len} tokens")
         # Only reached with tokenizers whose per-name counts are not additive: drop negatives first.
         labels.remove(next((label for label in reversed(labels) if label not in positive_set), labels[-1]))
-    return caption, spans, [label for label in labels if label in positive_set]
+    prompt = encode_prompt(
+        tokenizer, caption, spans, max_len,
+        label_names={label: all_names[label] for label in labels}, names_categories=True, tokenized=tokenized,
+    )
+    return prompt, [label for label in labels if label in positive_set]
 
 
 def _find_phrase(caption: str, phrase: str) -> Span:
@@ -475,7 +539,7 @@ def locate_phrases(
         entities = []
         for i, entity in enumerate(spans):
             pairs = [entity] if len(entity) == 2 and all(isinstance(v, int) for v in entity) else entity
-            checked = [_check_span(f"entity #{i}", pair, caption) for pair in pairs]
+            checked = check_spans(pairs, caption, f"entity #{i}")
             if not any(caption[s:e].strip() for s, e in checked):
                 raise ValueError(f"entity #{i}: spans {checked} cover only whitespace in {caption!r}")
             entities.append((" ".join(caption[s:e] for s, e in checked), checked))

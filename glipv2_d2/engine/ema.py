@@ -15,6 +15,12 @@ class ModelEMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"SOLVER.EMA.DECAY must be in (0, 1), got {decay}")
         self.decay = decay
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.reset(model)
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Restart the average at `model`'s current weights, e.g. once pretrained weights are loaded."""
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()

@@ -6,7 +6,6 @@ free-form caption whose phrases are given as strings or character spans (groundi
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,65 +13,15 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
-from transformers import PreTrainedTokenizerBase
 
 from ..checkpoint import GLIPv2Checkpointer
 from ..data.image_io import array_to_bgr, read_image
-from ..data.prompts import (
-    chunk_categories,
-    detection_query,
-    locate_phrases,
-    spans_to_token_map,
-    tokenize_prompts,
-)
+from ..data.prompt_builder import PromptBuilder
 from ..data.transforms import build_test_resize
+from ..structures import Prompt
 
 ImageInput = str | Path | np.ndarray
 PromptInput = str | Sequence[str]
-
-
-@dataclass
-class PromptChunk:
-    """One text the model reads, with the label ids its tokens stand for."""
-
-    caption: str
-    label_to_tokens: dict[int, list[int]]
-    label_names: dict[int, str]
-
-
-def build_prompt_chunks(
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: PromptInput,
-    max_len: int,
-    chunk_size: int = 0,
-    phrases: Sequence[str] | None = None,
-    spans: Sequence | None = None,
-) -> list[PromptChunk]:
-    """Category list -> one chunk per group that fits `max_len` tokens; caption -> one chunk.
-
-    Category labels are their indices in the list; caption labels are the phrase indices.
-    """
-    if isinstance(prompt, str):
-        num_tokens = len(tokenizer(prompt)["input_ids"])
-        if num_tokens > max_len:
-            raise ValueError(
-                f"caption of {num_tokens} tokens exceeds the {max_len}-token limit: {prompt[:80]!r}...; "
-                "shorten it or pass its phrases as a category list, which is chunked"
-            )
-        located = locate_phrases(prompt, phrases=phrases, spans=spans)
-        tokenized = tokenize_prompts(tokenizer, [prompt], max_len)
-        spans_per_label = {i: phrase_spans for i, (_, phrase_spans) in enumerate(located)}
-        token_map = spans_to_token_map(tokenized, spans_per_label, max_len, caption=prompt)
-        return [PromptChunk(prompt, token_map, {i: text for i, (text, _) in enumerate(located)})]
-    names = list(prompt)
-    if not names:
-        raise ValueError("empty prompt: the category list has no names")
-    chunks = chunk_categories(names, tokenizer, max_len=max_len, chunk_size=chunk_size or None)
-    result = []
-    for chunk in chunks:
-        caption, _, token_map = detection_query(tokenizer, chunk, max_len=max_len)
-        result.append(PromptChunk(caption, token_map, {label: names[label] for label, _ in chunk}))
-    return result
 
 
 class GLIPv2Predictor:
@@ -94,21 +43,31 @@ class GLIPv2Predictor:
             GLIPv2Checkpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
         self.resize = build_test_resize(cfg)
         self.batch_size = batch_size
-        self.max_len = cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
-        self.chunk_size = cfg.TEST.PROMPT_CHUNK_SIZE
+        self.prompt_builder = PromptBuilder(cfg, self.model.tokenizer)
 
     def __call__(self, image: ImageInput, prompt: PromptInput, phrases: Sequence[str] | None = None,
                  spans: Sequence | None = None, input_format: str = "BGR") -> Instances:
-        chunks = build_prompt_chunks(self.model.tokenizer, prompt, self.max_len, self.chunk_size, phrases, spans)
-        return self._predict([self.load_image(image, input_format)], [chunks])[0]
+        prompts = self.build_prompts(prompt, phrases, spans)
+        return self._predict([self.load_image(image, input_format)], [prompts])[0]
 
     def predict_batch(self, images: Sequence[ImageInput], prompts: Sequence[PromptInput],
                       input_format: str = "BGR") -> list[Instances]:
         """Several images, each with its own prompt (category list or caption)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
-        chunks = [build_prompt_chunks(self.model.tokenizer, p, self.max_len, self.chunk_size) for p in prompts]
-        return self._predict([self.load_image(im, input_format) for im in images], chunks)
+        built = [self.build_prompts(p) for p in prompts]
+        return self._predict([self.load_image(im, input_format) for im in images], built)
+
+    def build_prompts(self, prompt: PromptInput, phrases: Sequence[str] | None = None,
+                      spans: Sequence | None = None) -> list[Prompt]:
+        """Category list -> one prompt per chunk that fits the token limit (labels are the list
+        indices); caption -> one prompt whose labels are its phrases (given as text or spans)."""
+        if isinstance(prompt, str):
+            return [self.prompt_builder.caption(prompt, phrases=phrases, spans=spans)]
+        names = list(prompt)
+        if not names:
+            raise ValueError("empty prompt: the category list has no names")
+        return self.prompt_builder.categories(names)
 
     def load_image(self, image: ImageInput, input_format: str = "BGR") -> np.ndarray:
         """A path or array -> the HxWx3 uint8 BGR image the predictor feeds the model."""
@@ -116,28 +75,27 @@ class GLIPv2Predictor:
             return read_image(image, format="BGR")
         return array_to_bgr(image, input_format)
 
-    def _model_input(self, image: np.ndarray, chunk: PromptChunk) -> dict:
+    def _model_input(self, image: np.ndarray, prompt: Prompt) -> dict:
         height, width = image.shape[:2]
         resized = self.resize.get_transform(image).apply_image(image)
         if self.model.input_format == "RGB":
             resized = resized[:, :, ::-1]
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        return {"image": tensor, "height": height, "width": width, "caption": chunk.caption,
-                "label_to_tokens": chunk.label_to_tokens}
+        return {"image": tensor, "height": height, "width": width, "prompt": prompt}
 
     @torch.no_grad()
-    def _predict(self, images: list[np.ndarray], chunks_per_image: list[list[PromptChunk]]) -> list[Instances]:
-        jobs = [(i, chunk) for i, chunks in enumerate(chunks_per_image) for chunk in chunks]
+    def _predict(self, images: list[np.ndarray], prompts_per_image: list[list[Prompt]]) -> list[Instances]:
+        jobs = [(i, prompt) for i, prompts in enumerate(prompts_per_image) for prompt in prompts]
         per_image: list[list[Instances]] = [[] for _ in images]
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start:start + self.batch_size]
-            outputs = self.model([self._model_input(images[i], chunk) for i, chunk in batch])
+            outputs = self.model([self._model_input(images[i], prompt) for i, prompt in batch])
             for (i, _), output in zip(batch, outputs):
                 per_image[i].append(output["instances"].to("cpu"))
         results = []
-        for parts, chunks in zip(per_image, chunks_per_image):
+        for parts, prompts in zip(per_image, prompts_per_image):
             merged = Instances.cat(parts) if len(parts) > 1 else parts[0]
-            names = {label: name for chunk in chunks for label, name in chunk.label_names.items()}
+            names = {label: name for prompt in prompts for label, name in prompt.label_names.items()}
             merged.pred_phrases = np.array([names[int(c)] for c in merged.pred_classes], dtype=object)
             results.append(merged)
         return results

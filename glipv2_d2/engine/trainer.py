@@ -9,17 +9,34 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.engine import DefaultTrainer, HookBase, hooks
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    HookBase,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    hooks,
+)
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..checkpoint import GLIPv2Checkpointer
-from ..data.build import build_resumable_train_loader
+from ..data.build import ResumableDrawSampler, build_resumable_train_loader
 from ..data.grounding_mapper import GroundingMapper
 from ..data.mappers import DetectionGroundingMapper
-from ..evaluation import Flickr30kGroundingEvaluator, LVISFixedAPEvaluator, PromptedDetector
+from ..data.prompt_builder import PromptBuilder
+from ..evaluation import (
+    Flickr30kGroundingEvaluator,
+    LVISFixedAPEvaluator,
+    NumpyCompatibleLVISEvaluator,
+    PromptedDetector,
+)
+from ..utils.seeding import derived_seed
 from .ema import EMAHook, ModelEMA
 from .optimization import build_glipv2_optimizer, freeze_parameters
 
@@ -34,30 +51,73 @@ def is_grounding_test_set(dataset_name: str) -> bool:
 
 
 class PerIterationSeed(HookBase):
-    """Seed every RNG from (seed, iteration, rank) before each step: dropout and drop-path then
-    draw the same numbers in a resumed run as in an uninterrupted one."""
+    """Seed every global RNG from (seed, iteration, rank) before each step: dropout, drop path and MLM
+    masking then draw the same numbers in a resumed run as in an uninterrupted one. The data path
+    leaves these generators alone (each sample derives its own), so nothing disturbs them."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
     def before_step(self) -> None:
-        step_seed = (self.seed * 1_000_003 + self.trainer.iter * comm.get_world_size() + comm.get_rank()) % 2**31
+        step_seed = derived_seed(self.seed, self.trainer.iter * comm.get_world_size() + comm.get_rank())
         random.seed(step_seed)
         np.random.seed(step_seed)
         torch.manual_seed(step_seed)
 
 
 class GLIPv2Trainer(DefaultTrainer):
-    """DefaultTrainer with GLIP's training recipe; `--resume` continues bit for bit."""
+    """DefaultTrainer with GLIP's training recipe; `--resume` continues bit for bit.
+
+    It builds its pieces as DefaultTrainer.__init__ does, but keeps the resumable loader's sampler
+    (``train_sampler``), builds the AMP trainer in the configured precision and wraps the model for
+    several processes with find_unused_parameters when the configuration needs it.
+    """
 
     def __init__(self, cfg: CfgNode):
-        self.ema = None
-        super().__init__(cfg)
-        if cfg.SOLVER.AMP.ENABLED:
-            precision = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.SOLVER.AMP.PRECISION]
-            self._trainer.precision = precision
-            if precision == torch.bfloat16:
-                self._trainer.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader, self.train_sampler = self.build_resumable_train_loader(cfg)
+        self._trainer = self.build_step_trainer(cfg, self.build_ddp_model(model), data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = GLIPv2Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The model without its DistributedDataParallel wrapper."""
+        return getattr(self.model, "module", self.model)
+
+    @staticmethod
+    def build_ddp_model(model: nn.Module) -> nn.Module:
+        """Detectron2's DDP wrapper (the model itself in one process). find_unused_parameters only
+        when the configuration leaves parameters without gradient: it costs a graph walk per step."""
+        device_ids = [comm.get_local_rank()] if model.device.type == "cuda" else None
+        return create_ddp_model(
+            model,
+            broadcast_buffers=False,
+            device_ids=device_ids,
+            find_unused_parameters=model.leaves_parameters_unused,
+        )
+
+    @classmethod
+    def build_step_trainer(
+        cls, cfg: CfgNode, model: nn.Module, data_loader: DataLoader, optimizer: torch.optim.Optimizer
+    ) -> SimpleTrainer:
+        """SimpleTrainer, or AMPTrainer autocasting to SOLVER.AMP.PRECISION; bfloat16 has float32's
+        range, so it runs without loss scaling."""
+        if not cfg.SOLVER.AMP.ENABLED:
+            return SimpleTrainer(model, data_loader, optimizer)
+        precision = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.SOLVER.AMP.PRECISION]
+        grad_scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
+        return AMPTrainer(model, data_loader, optimizer, grad_scaler=grad_scaler, precision=precision)
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
@@ -72,11 +132,15 @@ class GLIPv2Trainer(DefaultTrainer):
         return build_glipv2_optimizer(cfg, model)
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode):
-        """Every dataset of cfg.DATASETS.TRAIN with the mapper of its task, mixed by DATASETS.TRAIN_RATIOS."""
-        loader, sampler = build_resumable_train_loader(cfg)
-        loader.draw_sampler = sampler
-        return loader
+    def build_resumable_train_loader(cls, cfg: CfgNode) -> tuple[DataLoader, ResumableDrawSampler]:
+        """(loader, sampler) over every dataset of cfg.DATASETS.TRAIN with the mapper of its task, mixed
+        by DATASETS.TRAIN_RATIOS; override this to train on other data."""
+        return build_resumable_train_loader(cfg)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode) -> DataLoader:
+        """Detectron2's hook (used by PreciseBN): the resumable loader without its sampler."""
+        return cls.build_resumable_train_loader(cfg)[0]
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
@@ -100,8 +164,8 @@ class GLIPv2Trainer(DefaultTrainer):
         if evaluator_type == "lvis" and cfg.TEST.LVIS_FIXED_AP:
             return LVISFixedAPEvaluator(dataset_name, output_dir=output_folder)
         if evaluator_type == "lvis":
-            return LVISEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder,
-                                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+            return NumpyCompatibleLVISEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder,
+                                                max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
         return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder,
                              max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
 
@@ -122,37 +186,40 @@ class GLIPv2Trainer(DefaultTrainer):
 
     @staticmethod
     def _evaluated_model(cfg: CfgNode, model: nn.Module, dataset_name: str) -> nn.Module:
-        """Grounding inputs already carry their caption and phrase label map; detection inputs get the
-        dataset's vocabulary as prompts."""
+        """Grounding inputs already carry their caption's prompt; detection inputs get the dataset's
+        vocabulary as prompts, built as training and the predictor build theirs."""
         if is_grounding_test_set(dataset_name):
             return model
         names = MetadataCatalog.get(dataset_name).thing_classes
-        return PromptedDetector(model, names, cfg.TEST.PROMPT_CHUNK_SIZE)
+        return PromptedDetector(model, PromptBuilder(cfg, model.tokenizer).categories(names))
 
     def build_hooks(self) -> list[HookBase]:
-        model = getattr(self.model, "module", self.model)
-        self.checkpointer = GLIPv2Checkpointer(model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        """The per-step seed and the EMA update, then DefaultTrainer's hooks; the EMA update runs
+        before the checkpointer, which saves the average. With SOLVER.EMA.EVAL_WITH_EMA the
+        evaluation hook evaluates the EMA weights."""
         built = super().build_hooks()
         extra: list[HookBase] = [PerIterationSeed(self.cfg.DATALOADER.SEED)]
-        if self.cfg.SOLVER.EMA.ENABLED:
-            self.ema = ModelEMA(model, self.cfg.SOLVER.EMA.DECAY)
-            extra.append(EMAHook(self.ema, model))
+        if self.ema is not None:
+            extra.append(EMAHook(self.ema, self.unwrapped_model))
             if self.cfg.SOLVER.EMA.EVAL_WITH_EMA:
-                for hook in built:
-                    if isinstance(hook, hooks.EvalHook):
-                        hook._func = self._with_ema(hook._func)
+                ema_eval = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.test_with_ema)
+                built = [ema_eval if isinstance(hook, hooks.EvalHook) else hook for hook in built]
         return extra + built
 
-    def _with_ema(self, evaluate):
-        def evaluate_with_ema():
-            with self.ema.applied_to(getattr(self.model, "module", self.model)):
-                return evaluate()
-
-        return evaluate_with_ema
+    def test_with_ema(self) -> dict:
+        """Evaluate cfg.DATASETS.TEST under the EMA weights, then restore the trained ones."""
+        with self.ema.applied_to(self.unwrapped_model):
+            self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
 
     def resume_or_load(self, resume: bool = True) -> None:
+        """DefaultTrainer's, then the data stream restarts at the resumed iteration's first draw; a
+        run that did not resume starts its EMA from the loaded weights (cfg.MODEL.WEIGHTS)."""
         super().resume_or_load(resume)
-        self._trainer.data_loader.draw_sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+        resumed = resume and self.checkpointer.has_checkpoint()
+        if self.ema is not None and not resumed:
+            self.ema.reset(self.unwrapped_model)
+        self.train_sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -164,3 +231,5 @@ class GLIPv2Trainer(DefaultTrainer):
         super().load_state_dict(state)
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # the checkpoint of a run without EMA: average from its weights
+            self.ema.reset(self.unwrapped_model)

@@ -1,7 +1,19 @@
 """Evaluation of grounded detectors with Detectron2's evaluators."""
 
 from .flickr30k import Flickr30kGroundingEvaluator
-from .lvis_fixed_ap import LVISFixedAPEvaluator, keep_top_per_category
+from .lvis_fixed_ap import (
+    LVISFixedAPEvaluator,
+    NumpyCompatibleLVISEvaluator,
+    keep_top_per_category,
+    lvis_numpy_float_alias,
+)
 from .prompted_inference import PromptedDetector
 
-__all__ = ["Flickr30kGroundingEvaluator", "LVISFixedAPEvaluator", "PromptedDetector", "keep_top_per_category"]
+__all__ = [
+    "Flickr30kGroundingEvaluator",
+    "LVISFixedAPEvaluator",
+    "NumpyCompatibleLVISEvaluator",
+    "PromptedDetector",
+    "keep_top_per_category",
+    "lvis_numpy_float_alias",
+]

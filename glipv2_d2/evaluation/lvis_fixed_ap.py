@@ -8,12 +8,14 @@ category over the whole split, then runs the usual LVIS evaluation with no per-i
 """
 
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lvis.eval
 import numpy as np
 from detectron2.evaluation import LVISEvaluator
 
-__all__ = ["LVISFixedAPEvaluator", "keep_top_per_category"]
+__all__ = ["LVISFixedAPEvaluator", "NumpyCompatibleLVISEvaluator", "keep_top_per_category", "lvis_numpy_float_alias"]
 
 
 class _NumpyWithFloatAlias(types.ModuleType):
@@ -25,10 +27,31 @@ class _NumpyWithFloatAlias(types.ModuleType):
         return getattr(np, name)
 
 
-# lvis 0.5.3, its latest release, accumulates AP with np.float: without the alias every LVIS
-# evaluation (Detectron2's LVISEvaluator included) fails on NumPy >= 1.24. Only lvis.eval sees it.
-if not hasattr(lvis.eval.np, "float"):
+@contextmanager
+def lvis_numpy_float_alias() -> Iterator[None]:
+    """Lend lvis.eval the `np.float` alias while the block runs, then restore its NumPy.
+
+    lvis 0.5.3, the latest release, accumulates AP with np.float, so on NumPy >= 1.24 every LVIS
+    evaluation (Detectron2's LVISEvaluator included) fails without it; patching lvis.eval only for
+    the evaluations this project runs leaves the module as it was for everyone else.
+    """
+    original = lvis.eval.np
+    if hasattr(original, "float"):
+        yield
+        return
     lvis.eval.np = _NumpyWithFloatAlias("numpy")
+    try:
+        yield
+    finally:
+        lvis.eval.np = original
+
+
+class NumpyCompatibleLVISEvaluator(LVISEvaluator):
+    """Detectron2's LVISEvaluator, running lvis-api under ``lvis_numpy_float_alias``."""
+
+    def _eval_predictions(self, predictions: list[dict]) -> None:
+        with lvis_numpy_float_alias():
+            super()._eval_predictions(predictions)
 
 
 def keep_top_per_category(predictions: list[dict], k: int) -> list[dict]:
@@ -52,7 +75,7 @@ def keep_top_per_category(predictions: list[dict], k: int) -> list[dict]:
     ]
 
 
-class LVISFixedAPEvaluator(LVISEvaluator):
+class LVISFixedAPEvaluator(NumpyCompatibleLVISEvaluator):
     """Detectron2's LVISEvaluator with the fixed-AP protocol: the top `topk_per_category`
     detections of each category over the split, evaluated with no per-image cap.
 

@@ -11,24 +11,24 @@ from collections.abc import Sequence
 from detectron2.structures import Instances
 from torch import nn
 
-from ..engine.predictor import build_prompt_chunks
-
-PER_CAPTION_KEYS = ("caption", "label_to_tokens", "input_ids", "attention_mask")
+from ..structures import Prompt
 
 
 class PromptedDetector(nn.Module):
-    """Wraps a GLIPv2 model so that `inference_on_dataset` can call it on plain image dicts."""
+    """Wraps a GLIPv2 model so that `inference_on_dataset` can call it on plain image dicts; the
+    prompts are the vocabulary's chunks (``PromptBuilder.categories``), encoded once."""
 
-    def __init__(self, model: nn.Module, class_names: Sequence[str], chunk_size: int = 0):
+    def __init__(self, model: nn.Module, prompts: Sequence[Prompt]):
         super().__init__()
+        if not prompts:
+            raise ValueError("PromptedDetector needs at least one prompt")
         self.model = model
-        self.chunks = build_prompt_chunks(model.tokenizer, list(class_names), model.max_query_len, chunk_size)
+        self.prompts = list(prompts)
 
     def forward(self, batched_inputs: list[dict]) -> list[dict]:
-        plain = [{k: v for k, v in x.items() if k not in PER_CAPTION_KEYS} for x in batched_inputs]
-        per_image: list[list[Instances]] = [[] for _ in plain]
-        for chunk in self.chunks:
-            prompted = [{**x, "caption": chunk.caption, "label_to_tokens": chunk.label_to_tokens} for x in plain]
+        per_image: list[list[Instances]] = [[] for _ in batched_inputs]
+        for prompt in self.prompts:
+            prompted = [{**x, "prompt": prompt} for x in batched_inputs]
             for parts, output in zip(per_image, self.model(prompted)):
                 parts.append(output["instances"])
         return [{"instances": Instances.cat(parts) if len(parts) > 1 else parts[0]} for parts in per_image]

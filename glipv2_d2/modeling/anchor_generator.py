@@ -10,6 +10,8 @@ assignment and the released box regressors were trained against these exact coor
 from collections.abc import Sequence
 
 import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 __all__ = ["LegacyAnchorGenerator", "legacy_cell_anchors"]
@@ -45,6 +47,7 @@ class LegacyAnchorGenerator(nn.Module):
     constructor arguments, so checkpoints neither carry nor need them.
     """
 
+    @configurable
     def __init__(
         self,
         sizes: Sequence[float] = (64, 128, 256, 512, 1024),
@@ -65,6 +68,23 @@ class LegacyAnchorGenerator(nn.Module):
             cell = legacy_cell_anchors(stride, level_sizes, aspect_ratios)
             cells.register_buffer(str(i), cell, persistent=False)
         self.cell_anchors = cells
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, input_shape: Sequence[ShapeSpec]) -> dict:
+        """Strides are the feature levels' own (``input_shape``, finest first), so they cannot
+        disagree with the backbone; MODEL.ATSS gives sizes, aspect ratios and scales per octave."""
+        atss = cfg.MODEL.ATSS
+        if len(atss.ANCHOR_SIZES) != len(input_shape):
+            raise ValueError(
+                f"MODEL.ATSS.ANCHOR_SIZES has {len(atss.ANCHOR_SIZES)} sizes {list(atss.ANCHOR_SIZES)} for the "
+                f"{len(input_shape)} feature levels of strides {[shape.stride for shape in input_shape]}"
+            )
+        return {
+            "sizes": atss.ANCHOR_SIZES,
+            "strides": [shape.stride for shape in input_shape],
+            "aspect_ratios": atss.ASPECT_RATIOS,
+            "scales_per_octave": atss.SCALES_PER_OCTAVE,
+        }
 
     @property
     def num_anchors_per_location(self) -> list[int]:

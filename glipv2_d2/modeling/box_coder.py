@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from detectron2.config import CfgNode, configurable
 from torch import Tensor
 
 __all__ = ["LegacyBoxCoder"]
@@ -23,6 +24,7 @@ class LegacyBoxCoder:
     boxes per anchor), as the official coder does.
     """
 
+    @configurable
     def __init__(
         self,
         weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
@@ -43,6 +45,10 @@ class LegacyBoxCoder:
         ctr_x = (boxes[..., 2] + boxes[..., 0]) / 2
         ctr_y = (boxes[..., 3] + boxes[..., 1]) / 2
         return widths, heights, ctr_x, ctr_y
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> dict:
+        return {"weights": tuple(cfg.MODEL.ATSS.BBOX_REG_WEIGHTS), "scale_clamp": cfg.MODEL.ATSS.BBOX_XFORM_CLIP}
 
     def encode(self, boxes: Tensor, anchors: Tensor) -> Tensor:
         """Deltas ``(..., 4)`` that turn ``anchors`` into ``boxes`` (no clamp, as the official coder)."""

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 __all__ = ["OFFICIAL_UNUSED_KEYS", "GroundingPredictionHead", "Scale"]
@@ -39,6 +41,7 @@ class GroundingPredictionHead(nn.Module):
     code does to keep fp16 finite.
     """
 
+    @configurable
     def __init__(
         self,
         in_channels: int = 256,
@@ -62,6 +65,20 @@ class GroundingPredictionHead(nn.Module):
         for conv in (self.bbox_pred, self.centerness):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.constant_(conv.bias, 0.0)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, input_shape: Sequence[ShapeSpec], lang_dim: int) -> dict:
+        """A head over the fused levels ``input_shape`` (one shared width) scoring text of width ``lang_dim``."""
+        widths = {shape.channels for shape in input_shape}
+        if len(widths) != 1:
+            raise ValueError(f"the grounding head shares its convs across levels; got widths {sorted(widths)}")
+        return {
+            "in_channels": widths.pop(),
+            "lang_dim": lang_dim,
+            "num_levels": len(input_shape),
+            "prior_prob": cfg.MODEL.DYHEAD.PRIOR_PROB,
+            "log_scale_init": cfg.MODEL.DYHEAD.LOG_SCALE_INIT,
+        }
 
     def project_tokens(self, lang_hidden: Tensor) -> tuple[Tensor, Tensor]:
         """Projected tokens ``(B, T, C)`` and per-token bias ``(B, T)`` from text features ``(B, T, D)``."""

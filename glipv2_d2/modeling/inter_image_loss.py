@@ -27,13 +27,16 @@ depends on the other ranks' features), so that under DDP's gradient averaging tr
 process holding the whole batch.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import ShapeSpec
 from detectron2.utils import comm
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 __all__ = [
     "InterImageContrastiveLoss",
@@ -42,7 +45,6 @@ __all__ = [
     "multi_positive_cross_entropy",
     "region_word_targets",
     "select_regions",
-    "token_category_ids",
 ]
 
 
@@ -58,7 +60,7 @@ class RegionWordLabels:
             grounding data, whose ``gt_classes`` are phrase indices, not categories. Ids are compared
             across images, so every dataset mixed into a batch must share one id space.
         token_categories: ``(B, T)`` category id whose name covers each token, -1 elsewhere
-            (see ``token_category_ids``).
+            (the prompts' ``token_categories``).
         is_detection: ``(B,)`` bool, True for detection-type prompts (joined category names).
     """
 
@@ -80,29 +82,6 @@ class RegionSelection:
 
     anchor_indices: Tensor
     gt_indices: Tensor
-
-
-def token_category_ids(
-    label_to_tokens: Sequence[Mapping[int, Sequence[int]]], num_tokens: int, device: torch.device | None = None
-) -> Tensor:
-    """``(B, num_tokens)`` category id of each token from the mappers' ``{category id: [token indices]}``,
-    -1 for tokens outside every category name (separators, special and padding tokens)."""
-    ids = torch.full((len(label_to_tokens), num_tokens), -1, dtype=torch.long)
-    for i, mapping in enumerate(label_to_tokens):
-        for category, tokens in mapping.items():
-            if int(category) < 0:
-                raise ValueError(f"label_to_tokens[{i}] has the negative category id {category}; ids must be >= 0")
-            for token in tokens:
-                if not 0 <= token < num_tokens:
-                    raise ValueError(
-                        f"label_to_tokens[{i}][{category}] names token {token}, outside the {num_tokens} tokens"
-                    )
-                if ids[i, token] >= 0:
-                    raise ValueError(
-                        f"label_to_tokens[{i}]: token {token} belongs to categories {int(ids[i, token])} and {category}"
-                    )
-                ids[i, token] = int(category)
-    return ids.to(device)
 
 
 def select_regions(matched_idxs: Tensor, num_regions: int, generator: torch.Generator | None = None) -> RegionSelection:
@@ -211,6 +190,7 @@ class InterImageContrastiveLoss(nn.Module):
     and ``log_scale``.
     """
 
+    @configurable
     def __init__(
         self,
         image_channels: int = 256,
@@ -219,10 +199,18 @@ class InterImageContrastiveLoss(nn.Module):
         max_regions: int = 100,
         log_scale_init: float = 0.0,
         loss_weight: float = 1.0,
+        text_features: str = "pre_fusion",
     ) -> None:
+        """``text_features``: the token side, "pre_fusion" (text encoder output, as the paper says) or
+        "fused" (the final fused text, as the official code does); the model passes the one named."""
         super().__init__()
         if max_regions < 1:
             raise ValueError(f"max_regions must be >= 1, got {max_regions}")
+        if text_features not in ("pre_fusion", "fused"):
+            raise ValueError(
+                f"MODEL.INTER_IMAGE_LOSS.TEXT_FEATURES must be 'pre_fusion' or 'fused', got {text_features!r}"
+            )
+        self.text_features = text_features
         self.image_projection = nn.Linear(image_channels, dim)
         self.text_projection = nn.Linear(text_dim, dim)
         self.log_scale = nn.Parameter(torch.tensor([float(log_scale_init)]))
@@ -231,6 +219,20 @@ class InterImageContrastiveLoss(nn.Module):
         for projection in (self.image_projection, self.text_projection):
             nn.init.xavier_uniform_(projection.weight)
             nn.init.zeros_(projection.bias)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, input_shape: Sequence[ShapeSpec], text_dim: int) -> dict:
+        """Regions come from the pre-fusion levels ``input_shape``, tokens have width ``text_dim``."""
+        settings = cfg.MODEL.INTER_IMAGE_LOSS
+        return {
+            "image_channels": input_shape[0].channels,
+            "text_dim": text_dim,
+            "dim": settings.DIM,
+            "max_regions": settings.MAX_REGIONS,
+            "log_scale_init": settings.LOG_SCALE_INIT,
+            "loss_weight": settings.WEIGHT,
+            "text_features": settings.TEXT_FEATURES,
+        }
 
     def forward(
         self, features: list[Tensor], text_features: Tensor, text_mask: Tensor, labels: RegionWordLabels
@@ -353,15 +355,13 @@ def _targets(regions: _Regions, tokens: _Tokens) -> Tensor:
 
 
 def _pad_rows(rows: list[Tensor], fill: int | bool, width: int | None) -> Tensor:
-    """``(B, max N_i, ...)`` stack of per-image tensors (1-D, or 2-D widened to ``width`` columns)."""
-    longest = max(max((r.shape[0] for r in rows), default=0), 1)
-    trailing = () if width is None else (width,)
-    padded = torch.full((len(rows), longest, *trailing), fill, dtype=rows[0].dtype, device=rows[0].device)
-    for i, r in enumerate(rows):
-        if width is None:
-            padded[i, : r.shape[0]] = r
-        else:
-            padded[i, : r.shape[0], : r.shape[1]] = r
+    """``(B, max(1, max N_i), ...)`` stack of per-image tensors (1-D, or 2-D widened to ``width``
+    columns), padded with ``fill``. At least one row, so the negatives' clamped GT index 0 reads fill."""
+    if width is not None:
+        rows = [F.pad(r, (0, width - r.shape[1]), value=fill) for r in rows]
+    padded = pad_sequence(rows, batch_first=True, padding_value=fill)
+    if padded.shape[1] == 0:
+        return padded.new_full((len(rows), 1, *padded.shape[2:]), fill)
     return padded
 
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode, configurable
 from detectron2.utils import comm
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from .atss_assigner import atss_assign
@@ -130,6 +132,7 @@ class GroundingATSSLoss:
     A plain class (no parameters), so that it adds nothing to the model's state dict.
     """
 
+    @configurable
     def __init__(
         self,
         box_coder: LegacyBoxCoder,
@@ -149,6 +152,20 @@ class GroundingATSSLoss:
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
         self.max_query_len = int(max_query_len)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> dict:
+        atss = cfg.MODEL.ATSS
+        return {
+            "box_coder": LegacyBoxCoder(cfg),
+            "topk": atss.TOPK,
+            "reg_loss_weight": atss.REG_LOSS_WEIGHT,
+            "token_loss_weight": atss.TOKEN_LOSS_WEIGHT,
+            "centerness_loss_weight": atss.CENTERNESS_LOSS_WEIGHT,
+            "focal_alpha": atss.FOCAL_ALPHA,
+            "focal_gamma": atss.FOCAL_GAMMA,
+            "max_query_len": cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN,
+        }
 
     def __call__(
         self,
@@ -278,9 +295,5 @@ class GroundingATSSLoss:
 
 
 def _pad_boxes(gt_boxes: list[Tensor], like: Tensor) -> Tensor:
-    """``(B, max N_i, 4)`` GT boxes, zero-padded, so positives can be gathered without a loop."""
-    max_gt = max((b.shape[0] for b in gt_boxes), default=0)
-    padded = like.new_zeros(len(gt_boxes), max(max_gt, 1), 4)
-    for i, boxes in enumerate(gt_boxes):
-        padded[i, : boxes.shape[0]] = boxes.to(padded.dtype)
-    return padded
+    """``(B, max N_i, 4)`` GT boxes in ``like``'s dtype, zero-padded, so positives can be gathered without a loop."""
+    return pad_sequence([boxes.to(like) for boxes in gt_boxes], batch_first=True, padding_value=0.0)

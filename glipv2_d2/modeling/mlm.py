@@ -19,7 +19,6 @@ embeddings) and ``mlm_loss`` is the cross-entropy over the corrupted positions. 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,9 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor
-from transformers import BertConfig, PreTrainedTokenizerBase
+from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
 __all__ = [
@@ -196,93 +194,46 @@ class MaskedLanguageModelingHead(BertLMPredictionHead):
 
 
 _LM_HEAD_PREFIX = "cls.predictions."
-_WORD_EMBEDDING_KEYS = ("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight")
 _TRANSFORM_KEYS = ("transform.dense.weight", "transform.dense.bias",
                    "transform.LayerNorm.weight", "transform.LayerNorm.bias")
-_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class _LanguageModelHeadCheckpoint(BertForMaskedLM):
+    """BertForMaskedLM loaded with no encoder layer: the LM head and the word embeddings its decoder
+    may be tied to are all the MLM head needs, so the text encoder's layers are not read a second
+    time. The skipped layers (and BertForPreTraining's other parts) are expected, not reported."""
+
+    _keys_to_ignore_on_load_unexpected = [r"encoder\.layer\.", r"pooler\.", r"cls\.seq_relationship\."]
 
 
 def load_pretrained_mlm_head(head: MaskedLanguageModelingHead, path: str | Path) -> bool:
-    """Copy a Hugging Face checkpoint's ``cls.predictions.*`` (BertForMaskedLM / BertForPreTraining) into ``head``.
+    """Copy a Hugging Face BERT checkpoint's LM head (``cls.predictions.*``) into ``head``.
 
-    ``path``: a local model folder (single or sharded safetensors / .bin) or one weights file.
-    Returns False, leaving ``head`` untouched, when the checkpoint has no LM head (a bare BertModel
-    such as the MiniLM folder). Handles the layouts writers leave: decoder weight tied to (and only
-    saved as) the word embeddings, output bias saved as ``bias`` and/or ``decoder.bias`` (the latter
-    is what the saved model used, so it wins), and the TF-era LayerNorm ``gamma`` / ``beta`` names.
+    ``path``: what ``from_pretrained`` takes (a local folder, or a hub name when online); transformers
+    reads the files (shards, safetensors or .bin, TF-era gamma/beta names, a decoder weight stored
+    only as the tied word embeddings). Returns False, leaving ``head`` untouched, when the checkpoint
+    has no LM head (a bare BertModel such as the MiniLM folder).
     """
-    source = Path(path).expanduser()
-    files = _weight_files(source)
-    lm_head = {_modern_name(k.removeprefix(_LM_HEAD_PREFIX)): v
-               for k, v in _read_tensors(files, lambda k: k.startswith(_LM_HEAD_PREFIX)).items()}
-    if not lm_head:
+    source = str(Path(path).expanduser())
+    checkpoint, info = _LanguageModelHeadCheckpoint.from_pretrained(
+        source, num_hidden_layers=0, output_loading_info=True
+    )
+    missing = {k.removeprefix(_LM_HEAD_PREFIX) for k in info["missing_keys"] if k.startswith(_LM_HEAD_PREFIX)}
+    if missing >= set(_TRANSFORM_KEYS):
         logger.info("%s has no %s* tensors; the MLM head keeps its initialisation", source, _LM_HEAD_PREFIX)
         return False
-    if "decoder.weight" not in lm_head:
-        lm_head.update(_tied_decoder_weight(files))
-    state = _head_state_dict(lm_head, source)
+    if missing:
+        raise ValueError(
+            f"{source}: incomplete LM head, missing {', '.join(sorted(_LM_HEAD_PREFIX + k for k in missing))}"
+        )
+    state = checkpoint.cls.predictions.state_dict()
+    state["bias"] = state["decoder.bias"]  # the bias the checkpoint's model adds; one tensor in our head
     _check_shapes(head, state, source)
     head.load_state_dict(state)
     return True
 
 
-def _weight_files(source: Path) -> list[Path]:
-    if source.is_file():
-        return [source]
-    if not source.is_dir():
-        raise FileNotFoundError(f"pretrained text model {str(source)!r} is neither a folder nor a weights file")
-    for name in _INDEX_FILES:
-        if (source / name).is_file():
-            shards = json.loads((source / name).read_text())["weight_map"].values()
-            return [source / shard for shard in sorted(set(shards))]
-    for name in _SINGLE_FILES:
-        if (source / name).is_file():
-            return [source / name]
-    raise FileNotFoundError(f"folder {str(source)!r} has none of {', '.join(_INDEX_FILES + _SINGLE_FILES)}")
-
-
-def _read_tensors(files: list[Path], wanted: Callable[[str], bool]) -> dict[str, Tensor]:
-    """The tensors whose key passes ``wanted``; safetensors are read key by key, not whole."""
-    tensors: dict[str, Tensor] = {}
-    for file in files:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys() if wanted(k)})
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-            tensors.update({k: v for k, v in state.items() if wanted(k)})
-    return tensors
-
-
-def _tied_decoder_weight(files: list[Path]) -> dict[str, Tensor]:
-    """{"decoder.weight": word embeddings} for checkpoints that store the tied decoder only once."""
-    embeddings = list(_read_tensors(files, lambda k: k in _WORD_EMBEDDING_KEYS).values())
-    return {"decoder.weight": embeddings[0]} if embeddings else {}
-
-
-def _modern_name(key: str) -> str:
-    """TF-converted checkpoints (the original bert-base-uncased) name LayerNorm weight/bias gamma/beta."""
-    return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-
-
-def _head_state_dict(lm_head: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
-    """Our head's state dict; the one output bias fills both tied names."""
-    bias = lm_head.get("decoder.bias", lm_head.get("bias"))
-    missing = [k for k in (*_TRANSFORM_KEYS, "decoder.weight") if k not in lm_head]
-    if bias is None:
-        missing.append("bias")
-    if missing:
-        raise ValueError(
-            f"{source}: incomplete LM head, missing {', '.join(_LM_HEAD_PREFIX + k for k in missing)} "
-            "(decoder.weight may also come from tied word embeddings)"
-        )
-    state = {k: lm_head[k] for k in (*_TRANSFORM_KEYS, "decoder.weight")}
-    state.update({"bias": bias, "decoder.bias": bias})
-    return state
-
-
-def _check_shapes(head: MaskedLanguageModelingHead, state: dict[str, Tensor], source: Path) -> None:
+def _check_shapes(head: MaskedLanguageModelingHead, state: dict[str, Tensor], source: str) -> None:
     expected = head.state_dict()
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs head {tuple(expected[k].shape)}"
              for k, v in state.items() if v.shape != expected[k].shape]

@@ -21,8 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from detectron2.config import CfgNode, configurable
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import batched_nms
 
 from .box_coder import LegacyBoxCoder
@@ -80,14 +82,9 @@ def batch_label_token_matrices(
     validity mask ``(B, L)``.
     """
     tables = [label_token_matrix(m, num_tokens, device) for m in label_maps]
-    max_labels = max((len(ids) for ids, _ in tables), default=0)
-    ids = torch.zeros(len(tables), max_labels, dtype=torch.long, device=device)
-    matrices = torch.zeros(len(tables), max_labels, num_tokens, device=device)
-    valid = torch.zeros(len(tables), max_labels, dtype=torch.bool, device=device)
-    for i, (image_ids, image_matrix) in enumerate(tables):
-        ids[i, : len(image_ids)] = image_ids
-        matrices[i, : len(image_ids)] = image_matrix
-        valid[i, : len(image_ids)] = True
+    ids = pad_sequence([image_ids for image_ids, _ in tables], batch_first=True)
+    matrices = pad_sequence([image_matrix for _, image_matrix in tables], batch_first=True)
+    valid = pad_sequence([torch.ones_like(image_ids, dtype=torch.bool) for image_ids, _ in tables], batch_first=True)
     return ids, matrices, valid
 
 
@@ -170,6 +167,7 @@ class ATSSPostProcessor:
     the ``detections_per_img`` cap with ties kept. Runs in float32 with autocast off.
     """
 
+    @configurable
     def __init__(
         self,
         box_coder: LegacyBoxCoder | None = None,
@@ -185,6 +183,17 @@ class ATSSPostProcessor:
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.min_size = min_size
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> dict:
+        atss = cfg.MODEL.ATSS
+        return {
+            "box_coder": LegacyBoxCoder(cfg),
+            "score_thresh": atss.INFERENCE_TH,
+            "pre_nms_top_n": atss.PRE_NMS_TOP_N,
+            "nms_thresh": atss.NMS_TH,
+            "detections_per_img": atss.DETECTIONS_PER_IMG,
+        }
 
     def select_level(
         self,

@@ -16,7 +16,11 @@ from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.lvis import get_lvis_instances_meta
 from detectron2.utils.file_io import PathManager
 
+from ..prompts import check_spans
+from .catalog import unregister_dataset
+
 __all__ = [
+    "coco_category_metadata",
     "datasets_root",
     "load_grounding_coco_json",
     "register_grounding_coco",
@@ -59,13 +63,8 @@ def _check_spans(record: dict, json_file: str) -> None:
     caption = record.get("caption")
     if caption is None:
         return
-    for anno in record["annotations"]:
-        for start, end in anno.get("tokens_positive", ()):
-            if not 0 <= start < end <= len(caption):
-                raise ValueError(
-                    f"{json_file}: image {record['image_id']} has tokens_positive span [{start}, {end}) "
-                    f"outside its caption of length {len(caption)}: {caption!r}"
-                )
+    for i, anno in enumerate(record["annotations"]):
+        check_spans(anno.get("tokens_positive", ()), caption, f"{json_file}: image {record['image_id']} box #{i}")
 
 
 def load_grounding_coco_json(
@@ -90,8 +89,9 @@ def load_grounding_coco_json(
     return dicts
 
 
-def _category_metadata(json_file: str) -> dict[str, Any]:
-    """thing_classes and the id map exactly as load_coco_json will set them when loading."""
+def coco_category_metadata(json_file: str) -> dict[str, Any]:
+    """thing_classes and the id map of a COCO-format json exactly as load_coco_json will set them
+    when loading, without loading the annotations."""
     with PathManager.open(json_file) as f:
         categories = sorted(json.load(f)["categories"], key=lambda c: c["id"])
     return {
@@ -118,7 +118,7 @@ def register_grounding_coco(
     """
     metadata = dict(extra_metadata or {})
     if "thing_classes" not in metadata and PathManager.isfile(json_file):
-        metadata = {**_category_metadata(json_file), **metadata}
+        metadata = {**coco_category_metadata(json_file), **metadata}
     image_keys = tuple(image_keys)
     DatasetCatalog.register(
         name, lambda: load_grounding_coco_json(json_file, image_root, name, task=task, image_keys=image_keys)
@@ -144,16 +144,11 @@ def _register_lvis(name: str, json_file: str, image_root: str) -> None:
 def _register_large_coco(name: str, json_file: str, image_root: str) -> None:
     """Register a training json too large to read at import (Objects365: ~1.5 GB) when it exists;
     Detectron2's loader sets thing_classes when the trainer loads it, before any prompt is built."""
-    _unregister(name)
+    unregister_dataset(name)
     if not os.path.isfile(json_file):
         return
     DatasetCatalog.register(name, lambda: load_grounding_coco_json(json_file, image_root, name, image_keys=()))
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
-
-
-def _unregister(name: str) -> None:
-    DatasetCatalog.pop(name, None)
-    MetadataCatalog.pop(name, None)
 
 
 def register_coco_and_lvis(root: str) -> None:
@@ -164,7 +159,7 @@ def register_coco_and_lvis(root: str) -> None:
     again (e.g. with another root) replaces the previous registration of these names.
     """
     for name, (image_root, json_file) in _COCO_SPLITS.items():
-        _unregister(name)
+        unregister_dataset(name)
         register_grounding_coco(
             name,
             os.path.join(root, json_file),
@@ -178,8 +173,8 @@ def register_coco_and_lvis(root: str) -> None:
     minival = [j for j in _LVIS_MINIVAL_JSONS if os.path.isfile(os.path.join(root, j))]
     if minival:
         splits[_LVIS_MINIVAL_NAME] = ("coco/", minival[0])
-    _unregister(_LVIS_MINIVAL_NAME)  # a previous root may have had one
+    unregister_dataset(_LVIS_MINIVAL_NAME)  # a previous root may have had one
     for name, (image_root, json_file) in splits.items():
-        _unregister(name)
+        unregister_dataset(name)
         # LVIS's loader joins image_root and the split folder as strings, so keep the trailing "/".
         _register_lvis(name, os.path.join(root, json_file), os.path.join(root, image_root))

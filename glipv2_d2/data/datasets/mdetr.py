@@ -6,7 +6,7 @@ annotation the character spans it grounds ("tokens_positive", [start, end) pairs
 entries also carry "tokens_positive_eval" (one list of spans per phrase to evaluate, in sentence
 order), "sentence_id" and "original_img_id"; GLIP and GLIPv2 train on these files as they are.
 
-This module turns them into Detectron2 dataset dicts with a fixed contract (DESIGN.md section 3):
+This module turns them into Detectron2 dataset dicts with a fixed contract:
 besides the standard fields (bbox_mode XYWH_ABS, "image_id" unique per record), each record has
 "task", "weak", "caption", per annotation "tokens_positive" and "phrase_ids" (indices into the
 record's "phrases"), and "phrases": [{"phrase_id", "tokens_positive", "phrase_type",
@@ -27,24 +27,21 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
-from .synthetic_shapes import SYNTHETIC_CATEGORIES, default_synthetic_root, generate_synthetic_shapes
+from ..prompts import check_spans
+from .catalog import unregister_dataset
 
 __all__ = [
     "FlickrPhrase",
     "load_mdetr_json",
     "parse_flickr_sentence",
-    "pseudo_label_synthetic",
     "register_mdetr_datasets",
     "register_mdetr_grounding",
-    "register_synthetic_grounding",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,11 +52,6 @@ DEFAULT_PHRASE_TYPE = "other"
 _IMAGE_KEYS = ("dataset_name", "sentence_id", "original_img_id", "original_id")
 _FLICKR_SPLITS = ("train", "val", "test")
 _GOLDG_NAME = "glipv2_goldg_train"
-_SYNTHETIC_NAMES = (
-    "glipv2_synthetic_grounding_train",
-    "glipv2_synthetic_grounding_val",
-    "glipv2_synthetic_caption_train",
-)
 
 Span = list[int]
 
@@ -68,23 +60,8 @@ Span = list[int]
 
 
 def _checked_spans(raw: Any, caption: str, where: str) -> list[Span]:
-    """[start, end) pairs as int lists; a span outside the caption would select wrong tokens later."""
-    if raw is None:
-        return []
-    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-        raise ValueError(f"{where}: expected a list of [start, end) spans, got {raw!r}")
-    spans = []
-    for span in raw:
-        if not isinstance(span, Sequence) or len(span) != 2:
-            raise ValueError(f"{where}: span {span!r} is not a [start, end) pair")
-        start, end = int(span[0]), int(span[1])
-        if not 0 <= start < end <= len(caption):
-            raise ValueError(
-                f"{where}: span [{start}, {end}) is empty or outside the caption of {len(caption)} characters "
-                f"{caption!r}"
-            )
-        spans.append([start, end])
-    return spans
+    """Checked [start, end) pairs as int lists (the records' json form); none when ``raw`` is None."""
+    return [] if raw is None else [[start, end] for start, end in check_spans(raw, caption, where)]
 
 
 def _overlaps(spans_a: Sequence[Span], spans_b: Sequence[Span]) -> bool:
@@ -412,11 +389,6 @@ def _load_parts(parts: Sequence[tuple[str, str]], **kwargs: Any) -> list[dict]:
 # --- registration --------------------------------------------------------------------------------
 
 
-def _unregister(name: str) -> None:
-    DatasetCatalog.pop(name, None)
-    MetadataCatalog.pop(name, None)
-
-
 def register_mdetr_grounding(
     name: str,
     json_file: str,
@@ -434,7 +406,7 @@ def register_mdetr_grounding(
     register; give thing_classes in ``extra_metadata`` if anything needs them before loading.
     """
     _check_task(task)
-    _unregister(name)
+    unregister_dataset(name)
     DatasetCatalog.register(
         name,
         lambda: load_mdetr_json(
@@ -456,7 +428,7 @@ def _register_flickr30k(root: str) -> None:
     for gt_type, suffix in (("separate", ""), ("merged", "_merged")):
         for split in _FLICKR_SPLITS:
             name = f"glipv2_flickr30k{suffix}_{split}"
-            _unregister(name)
+            unregister_dataset(name)
             json_file = os.path.join(root, "mdetr_annotations", f"final_flickr_{gt_type}GT_{split}.json")
             if not os.path.isfile(json_file):
                 continue
@@ -478,7 +450,7 @@ _CAPTIONS_NAME = "glipv2_cap4m_train"
 
 def _register_goldg(root: str) -> None:
     """GoldG = MDETR's GQA/VG grounding without COCO images + Flickr30K train (GLIP's pre-training mix)."""
-    _unregister(_GOLDG_NAME)
+    unregister_dataset(_GOLDG_NAME)
     parts = [
         (
             os.path.join(root, "mdetr_annotations", "final_mixed_train_no_coco.json"),
@@ -510,7 +482,7 @@ def register_mdetr_datasets(root: str) -> None:
 def _register_pseudo_captions(root: str, min_score: float = 0.5) -> None:
     """GLIPv2's Cap4M stand-in: image-caption pairs boxed by a grounding model (not public; any
     MDETR-format file with scored boxes at this path takes its place)."""
-    _unregister(_CAPTIONS_NAME)
+    unregister_dataset(_CAPTIONS_NAME)
     json_file = os.path.join(root, "cap4m", "annotations", "train.json")
     if os.path.isfile(json_file):
         register_mdetr_grounding(
@@ -518,91 +490,3 @@ def _register_pseudo_captions(root: str, min_score: float = 0.5) -> None:
             extra_metadata={"thing_classes": ["object"]},
         )
 
-
-# --- synthetic shapes as grounding and pseudo-labelled caption data ------------------------------
-
-
-def _jittered_box(bbox: Sequence[float], width: int, height: int, rng: np.random.Generator) -> tuple[list, float]:
-    """A box moved and rescaled at random, and its IoU with the original as the "score"."""
-    x, y, w, h = bbox
-    strength = rng.uniform(0.0, 0.6)
-    dx, dy, dw, dh = rng.uniform(-strength, strength, 4)
-    x0 = float(np.clip(x + dx * w, 0, width - 1))
-    y0 = float(np.clip(y + dy * h, 0, height - 1))
-    x1 = float(np.clip(x + dx * w + w * np.exp(dw), x0 + 1, width))
-    y1 = float(np.clip(y + dy * h + h * np.exp(dh), y0 + 1, height))
-    overlap_w = max(0.0, min(x1, x + w) - max(x0, x))
-    overlap_h = max(0.0, min(y1, y + h) - max(y0, y))
-    inter = overlap_w * overlap_h
-    iou = inter / ((x1 - x0) * (y1 - y0) + w * h - inter)
-    return [x0, y0, x1 - x0, y1 - y0], float(iou)
-
-
-def pseudo_label_synthetic(data: dict, seed: int = 0) -> dict:
-    """Turn a synthetic-shapes json into pseudo-labelled caption data, deterministically from ``seed``.
-
-    Stands in for a grounding model's output on captions: the boxes of mentioned objects are
-    jittered and scored by their IoU with the true box (in [0, 1]), so a score threshold keeps the
-    better ones. Unmentioned objects are left out, as a grounding model only boxes phrases.
-    """
-    sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
-    annotations = []
-    for anno in data["annotations"]:
-        if not anno.get("tokens_positive"):
-            continue
-        rng = np.random.default_rng([seed, anno["image_id"], anno["id"]])
-        bbox, score = _jittered_box(anno["bbox"], *sizes[anno["image_id"]], rng)
-        pseudo = {k: v for k, v in anno.items() if k not in ("segmentation", "area")}
-        annotations.append({**pseudo, "bbox": bbox, "score": score})
-    return {**data, "annotations": annotations}
-
-
-def register_synthetic_grounding(
-    root: str | os.PathLike | None = None,
-    seed: int = 0,
-    num_train: int = 600,
-    num_val: int = 150,
-    num_heldout: int = 100,
-    caption_min_score: float = 0.5,
-    pseudo_label_seed: int = 0,
-) -> None:
-    """Register the synthetic shapes as grounding data and as weak caption data.
-
-    glipv2_synthetic_grounding_{train,val}: the scenes' captions with their spans (task
-    "grounding"). glipv2_synthetic_caption_train: the train split with jittered, scored boxes
-    (``pseudo_label_synthetic``), boxes below ``caption_min_score`` dropped (task "caption", weak).
-    The data is generated on first use, like register_synthetic_shapes.
-    """
-    root = Path(root if root is not None else default_synthetic_root()).absolute()
-    metadata = {
-        "thing_classes": [c["name"] for c in SYNTHETIC_CATEGORIES],
-        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES)},
-    }
-
-    def json_of(split: str) -> str:
-        return generate_synthetic_shapes(root, seed, num_train, num_val, num_heldout)[split]
-
-    def load_caption_train() -> list[dict]:
-        json_file = json_of("train")
-        options = _LoadOptions(
-            json_file=json_file,
-            image_root=str(root / "train"),
-            task="caption",
-            weak=True,
-            min_score=caption_min_score,
-            keep_empty=False,
-            sentences=None,
-        )
-        return _records_from_json(pseudo_label_synthetic(_read_json(json_file), pseudo_label_seed), options)
-
-    for name in _SYNTHETIC_NAMES:
-        _unregister(name)
-    for split in ("train", "val"):
-        name = f"glipv2_synthetic_grounding_{split}"
-        DatasetCatalog.register(name, lambda split=split: load_mdetr_json(json_of(split), str(root / split)))
-        extra = {"evaluator_type": "flickr30k"} if split == "val" else {}
-        MetadataCatalog.get(name).set(image_root=str(root / split), **metadata, **extra)
-    DatasetCatalog.register("glipv2_synthetic_caption_train", load_caption_train)
-    MetadataCatalog.get("glipv2_synthetic_caption_train").set(
-        image_root=str(root / "train"), min_score=caption_min_score, **metadata
-    )

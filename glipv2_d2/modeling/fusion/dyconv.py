@@ -162,23 +162,11 @@ class DyConv(nn.Module):
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """features: list of (B, C, H_l, W_l), each level the ceil-half of the previous one."""
-        return self._run(features, None)
-
-    def forward_with_intermediates(self, features: list[Tensor]) -> tuple[list[Tensor], dict]:
-        """Like ``forward`` but also returns the per-level tensors GOLDEN.md case ``dyconv`` stores."""
-        record: dict[str, list[Tensor]] = {
-            "offset_mask_per_level": [],
-            "conv2_from_finer_level": [],
-            "conv0_from_coarser_level_before_upsample": [],
-        }
-        return self._run(features, record), record
-
-    def _run(self, features: list[Tensor], record: dict | None) -> list[Tensor]:
         dtype = self.DyConv[1].conv.weight.dtype
         with torch.autocast(features[0].device.type, enabled=False):
-            return self._run_levels([f.to(dtype) for f in features], record)
+            return self._run_levels([f.to(dtype) for f in features])
 
-    def _run_levels(self, features: list[Tensor], record: dict | None) -> list[Tensor]:
+    def _run_levels(self, features: list[Tensor]) -> list[Tensor]:
         outputs = []
         for level, feature in enumerate(features):
             offset = mask = None
@@ -186,8 +174,6 @@ class DyConv(nn.Module):
                 offset_mask = self.offset(feature)
                 offset = offset_mask[:, :18]
                 mask = offset_mask[:, 18:].sigmoid()
-                if record is not None:
-                    record["offset_mask_per_level"].append(offset_mask)
 
             branches = [self.DyConv[1](feature, offset, mask)]
             if level > 0:
@@ -198,12 +184,8 @@ class DyConv(nn.Module):
                         f"level {level - 1} gives {tuple(finer.shape[-2:])}; levels must be ceil-halves"
                     )
                 branches.append(finer)
-                if record is not None:
-                    record["conv2_from_finer_level"].append(finer)
             if level < len(features) - 1:
                 coarser = self.DyConv[0](features[level + 1], offset, mask)
-                if record is not None:
-                    record["conv0_from_coarser_level_before_upsample"].append(coarser)
                 branches.append(
                     F.interpolate(coarser, size=feature.shape[-2:], mode="bilinear", align_corners=True)
                 )

@@ -10,14 +10,18 @@ with identical parameter names below those prefixes.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.utils.checkpoint
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
 from .bi_attention import BiAttentionBlock
+from .build import FUSION_REGISTRY
 from .dyconv import DyConv
 
 __all__ = ["VLDyHeadLayer", "VLDyHeadTower", "text_attention_mask"]
@@ -56,6 +60,7 @@ class VLDyHeadLayer(nn.Module):
         return self.dyconv(features), lang_hidden
 
 
+@FUSION_REGISTRY.register()
 class VLDyHeadTower(nn.Module):
     """EncVL of GLIP-T / GLIPv2-T: ``num_layers`` fusion steps over P3..P7 and the text tokens.
 
@@ -76,6 +81,7 @@ class VLDyHeadTower(nn.Module):
     dropout 0.1, layer scale initialised to ``1 / num_layers``; text width = ``lang_config.hidden_size``.
     """
 
+    @configurable
     def __init__(
         self,
         num_layers: int,
@@ -98,6 +104,7 @@ class VLDyHeadTower(nn.Module):
         """
         super().__init__()
         in_channels = channels if in_channels is None else in_channels
+        self.channels = channels
         # a tower without layers (the no-fusion ablation) has no layer scale to set
         init_values = 1.0 / max(num_layers, 1) if init_values is None else init_values
         self.use_checkpoint = use_checkpoint
@@ -123,20 +130,46 @@ class VLDyHeadTower(nn.Module):
             )
         self.layers = nn.ModuleList(layers)
 
+    @classmethod
+    def from_config(cls, cfg: CfgNode, input_shape: Sequence[ShapeSpec], lang_config: BertConfig) -> dict:
+        """The tower over the backbone levels ``input_shape`` (finest first), text width from ``lang_config``."""
+        widths = {shape.channels for shape in input_shape}
+        if len(widths) != 1:
+            raise ValueError(f"the fusion tower needs one width for every image level, got {sorted(widths)}")
+        dyhead = cfg.MODEL.DYHEAD
+        return {
+            "num_layers": dyhead.NUM_LAYERS,
+            "channels": dyhead.CHANNELS,
+            "lang_config": lang_config,
+            "in_channels": widths.pop(),
+            "embed_dim": dyhead.FUSION.EMBED_DIM,
+            "num_heads": dyhead.FUSION.NUM_HEADS,
+            "fusion_dropout": dyhead.FUSION.DROPOUT,
+            "drop_path": dyhead.FUSION.DROP_PATH,
+            "init_values": dyhead.FUSION.LAYER_SCALE_INIT or None,  # 0: the tower's 1 / num_layers
+            "use_gn": dyhead.USE_GN,
+            "use_dyrelu": dyhead.USE_DYRELU,
+            "use_deform": dyhead.USE_DEFORM,
+            "use_checkpoint": dyhead.USE_CHECKPOINT,
+            "last_text_layer": dyhead.SCORE_WITH_FUSED_TEXT,
+        }
+
+    def output_shape(self, input_shape: Sequence[ShapeSpec]) -> list[ShapeSpec]:
+        """The fused levels keep the input levels' strides at ``channels`` width."""
+        return [ShapeSpec(channels=self.channels, stride=shape.stride) for shape in input_shape]
+
     def forward(
         self,
         features: list[Tensor],
         lang_hidden: Tensor,
         lang_mask: Tensor,
-        return_intermediates: bool = False,
-    ) -> tuple[list[Tensor], Tensor] | tuple[list[Tensor], Tensor, list[tuple[list[Tensor], Tensor]]]:
+    ) -> tuple[list[Tensor], Tensor]:
         """features: P3..P7 as (B, C, H, W); lang_hidden: (B, T, D) text encoder ``hidden``;
         lang_mask: (B, T) with 0 on padding. Padding the text to any length gives the same outputs
         at real positions, so batches may be padded to their longest prompt.
         """
         text_mask = text_attention_mask(lang_mask, lang_hidden.dtype, self.attn_implementation)
         checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
-        intermediates = []
         features = list(features)
         for layer in self.layers:
             if checkpointed:
@@ -145,8 +178,4 @@ class VLDyHeadTower(nn.Module):
                 )
             else:
                 features, lang_hidden = layer(features, lang_hidden, lang_mask, text_mask)
-            if return_intermediates:
-                intermediates.append((features, lang_hidden))
-        if return_intermediates:
-            return features, lang_hidden, intermediates
         return features, lang_hidden

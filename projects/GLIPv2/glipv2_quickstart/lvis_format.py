@@ -9,12 +9,15 @@ is non-exhaustive; the heldout colour-shape pairs, absent from train, come out a
 
 import json
 import os
-import uuid
 from collections import Counter
 from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_lvis_json
+
+from glipv2_d2.data.datasets import unregister_dataset
+
+from .shapes import write_json_atomically
 
 __all__ = ["coco_to_lvis", "register_synthetic_lvis"]
 
@@ -65,13 +68,6 @@ def coco_to_lvis(coco: dict, train: dict, image_root: str | os.PathLike) -> dict
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def _write_atomically(path: Path, data: dict) -> None:
-    """Replace `path` in one rename, so a process reading it (another rank) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(data, separators=(",", ":")))
-    os.replace(tmp, path)
-
-
 def register_synthetic_lvis(split: str = "val") -> None:
     """Register glipv2_synthetic_lvis_<split>: glipv2_synthetic_<split> as it is registered now, in
     LVIS format (evaluator_type "lvis", so the trainer evaluates it with LVIS AP or fixed AP).
@@ -88,7 +84,7 @@ def register_synthetic_lvis(split: str = "val") -> None:
     def load() -> list[dict]:
         DatasetCatalog.get(f"glipv2_synthetic_{split}")  # generates the dataset if needed
         coco, train_coco = (json.loads(Path(f).read_text()) for f in (source.json_file, train.json_file))
-        _write_atomically(json_file, coco_to_lvis(coco, train_coco, image_root))
+        write_json_atomically(json_file, coco_to_lvis(coco, train_coco, image_root))
         # LVIS's loader joins its root and the image folder as strings: keep the separator. Without a
         # dataset name it maps category id i to class i - 1, as thing_classes (ids 1..N) expect.
         dicts = load_lvis_json(str(json_file), str(image_root.parent) + os.sep)
@@ -96,8 +92,7 @@ def register_synthetic_lvis(split: str = "val") -> None:
             record["task"] = "detection"
         return dicts
 
-    DatasetCatalog.pop(name, None)
-    MetadataCatalog.pop(name, None)
+    unregister_dataset(name)
     DatasetCatalog.register(name, load)
     MetadataCatalog.get(name).set(
         json_file=str(json_file),

@@ -20,14 +20,19 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from filelock import FileLock
 
-from .coco_lvis import datasets_root, load_grounding_coco_json
-from .synthetic_text import SceneObject, grounding_caption, question_answers, reference_captions
+from glipv2_d2.data.datasets import datasets_root, load_grounding_coco_json, unregister_dataset
+
+from .scene_text import SceneObject, grounding_caption, question_answers, reference_captions
 
 __all__ = [
-    "SYNTHETIC_CATEGORIES",
     "HELDOUT_CATEGORY_IDS",
+    "HELDOUT_PAIRS",
+    "SHAPES",
+    "SYNTHETIC_CATEGORIES",
+    "default_synthetic_root",
     "generate_synthetic_shapes",
     "register_synthetic_shapes",
+    "write_json_atomically",
 ]
 
 GENERATOR_VERSION = 2  # bump whenever the output changes, so stale folders are regenerated
@@ -76,6 +81,7 @@ class _Placed:
 
 
 def default_synthetic_root() -> str:
+    """Where the quick start keeps its data: glipv2_synthetic/ under the Detectron2 datasets root."""
     return os.path.join(datasets_root(), "glipv2_synthetic")
 
 
@@ -262,6 +268,13 @@ def _replace_dir(new: Path, root: Path) -> None:
         os.replace(new, root)
 
 
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Replace `path` in one rename, so a process reading it (another rank) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(data, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
 def _annotation_paths(root: Path) -> dict[str, str]:
     return {split: str(root / "annotations" / f"{split}.json") for split in SPLITS}
 
@@ -327,7 +340,6 @@ def register_synthetic_shapes(
             json_file = generate_synthetic_shapes(root, seed, num_train, num_val, num_heldout)[split]
             return load_grounding_coco_json(json_file, str(root / split), name, image_keys=_IMAGE_KEYS)
 
-        DatasetCatalog.pop(name, None)
-        MetadataCatalog.pop(name, None)
+        unregister_dataset(name)
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(json_file=json_files[split], image_root=str(root / split), **metadata)
