@@ -7,7 +7,7 @@ Components build themselves from the config and the shapes of what feeds them, a
 detectors do: strides and widths come from the backbone, never from keys that restate it.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -320,10 +320,19 @@ def _task_head_inputs(
     anchors: list[Tensor],
     detections: list[Instances] | None = None,
 ) -> TaskHeadInputs:
-    network = {f.name: getattr(outputs, f.name) for f in fields(outputs) if f.name != "text"}
     return TaskHeadInputs(
-        images=images, batched_inputs=batched_inputs, prompts=prompts, text=outputs.text, text_mask=text.mask,
-        anchors=anchors, detections=detections, **network,
+        images=images,
+        batched_inputs=batched_inputs,
+        prompts=prompts,
+        pre_fusion_features=outputs.pre_fusion_features,
+        features=outputs.features,
+        text=outputs.text,
+        text_mask=text.mask,
+        anchors=anchors,
+        logits=outputs.logits,
+        bbox_reg=outputs.bbox_reg,
+        centerness=outputs.centerness,
+        detections=detections,
     )
 
 
