@@ -6,9 +6,14 @@ parameters, or belongs to a short list of entries that have no parameter here fo
 a value — is an error that lists the offending keys.
 """
 
+import os
+import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -74,6 +79,67 @@ class CheckpointMismatchError(ValueError):
     """Raised when an official checkpoint and this model do not correspond key for key."""
 
 
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that only full unpickling can read: that would run code stored in the file."""
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that is empty or cannot be read (an interrupted download or save)."""
+
+
+# The one switch that allows full unpickling, named in every refusal.
+TRUST_SWITCH = "MODEL.TRUST_PICKLED_WEIGHTS True"
+
+# Files Detectron2 reads with plain pickle.load (.pkl) or torch.load without weights_only (.pyth).
+FULL_PICKLE_SUFFIXES = (".pkl", ".pyth")
+
+
+def _refusal(path: str | os.PathLike, reason: str) -> UntrustedCheckpointError:
+    return UntrustedCheckpointError(
+        f"refusing to load checkpoint {path}: {reason}, and unpickling it could run code stored in the file. "
+        f"If you trust its source, set {TRUST_SWITCH} (a config key or command-line override; "
+        "tools/convert_glip_checkpoint.py: --trusted-pickle)."
+    )
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Fail with the file's name when it is missing, not a file or empty, before any reader sees it
+    (they would raise AssertionError / EOFError without saying which file)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointFileError(f"checkpoint {path} is not a file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointFileError(f"checkpoint {path} is empty (0 bytes): an interrupted download or save?")
+
+
+@contextmanager
+def _naming_unreadable(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a reader's bare error (EOFError, torch's stream errors) into one that names the file."""
+    try:
+        yield
+    except (UntrustedCheckpointError, CheckpointFileError, FileNotFoundError):
+        raise
+    except Exception as error:
+        raise CheckpointFileError(
+            f"cannot read checkpoint {path}: it is truncated (an interrupted download or save?) or not a "
+            f"checkpoint ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no details'})"
+        ) from error
+
+
+def read_checkpoint_file(path: str | os.PathLike, *, trust_pickle: bool = False) -> Any:
+    """torch.load of a checkpoint on the CPU with `weights_only` (tensors and plain containers, no
+    code from the file) unless `trust_pickle`; every failure names the file."""
+    check_checkpoint_file(path)
+    with _naming_unreadable(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        except pickle.UnpicklingError as error:
+            if trust_pickle or "Weights only load failed" not in str(error):
+                raise
+            raise _refusal(path, "it holds pickled objects other than tensors and plain containers") from None
+
+
 def _strip_data_parallel(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
@@ -85,21 +151,15 @@ def load_official_state_dict(path: str | Path, use_ema: bool = False,
     `weights_only` loading is used unless the caller trusts the file (`trusted_pickle`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=not trusted_pickle)
-    except Exception as error:
-        raise CheckpointMismatchError(
-            f"cannot read checkpoint {path} ({type(error).__name__}: {error}); a truncated download or a "
-            "legacy pickle (then pass trusted_pickle=True / --trusted-pickle if you trust its source)"
-        ) from error
+    data = read_checkpoint_file(path, trust_pickle=trusted_pickle)
     if not isinstance(data, Mapping):
         raise CheckpointMismatchError(f"{path} holds a {type(data).__name__}, not a state dict")
     section = "model_ema" if use_ema else "model"
     if use_ema and section not in data:
         raise CheckpointMismatchError(f"{path} has no 'model_ema' entry (keys: {sorted(data)[:10]})")
     state_dict = data.get(section, data)
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointMismatchError(f"{path}'s '{section}' entry is a {type(state_dict).__name__}, not a state dict")
     return _strip_data_parallel(state_dict)
 
 
@@ -186,19 +246,49 @@ def looks_official(state_dict: Mapping[str, Tensor]) -> bool:
 
 
 class GLIPv2Checkpointer(DetectionCheckpointer):
-    """Detectron2's checkpointer that also reads official GLIP files and can refuse partial loads.
+    """Detectron2's checkpointer that also reads official GLIP files, runs no code from a file and
+    can refuse partial loads.
 
     An official checkpoint given as MODEL.WEIGHTS is converted on the fly (same strict renaming as
-    tools/convert_glip_checkpoint.py). With `strict=True` (inference), any missing, unexpected or
-    mis-shaped key is an error listing the keys instead of a logged warning.
+    tools/convert_glip_checkpoint.py). Files are read with `weights_only`; formats that need full
+    unpickling (.pkl, .pyth) are refused unless `trust_pickle` (MODEL.TRUST_PICKLED_WEIGHTS). With
+    `strict=True` (inference), any missing, unexpected or mis-shaped key is an error listing the keys
+    instead of a logged warning. A missing, empty or truncated file is an error that names it.
     """
 
-    def __init__(self, model: torch.nn.Module, save_dir: str = "", *, strict: bool = False, **checkpointables):
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", *, strict: bool = False,
+                 trust_pickle: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.strict = strict
+        self.trust_pickle = trust_pickle
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict:
+        """Detectron2's resume_or_load; an unreadable file named by last_checkpoint says so."""
+        try:
+            return super().resume_or_load(path, resume=resume)
+        except (UntrustedCheckpointError, CheckpointFileError, FileNotFoundError) as error:
+            if not (resume and self.has_checkpoint()):
+                raise
+            named_by = os.path.join(self.save_dir, "last_checkpoint")
+            raise type(error)(f"{error} (named by {named_by}, read by --resume)") from error
+
+    def load(self, path: str, *args, **kwargs) -> dict:
+        if path and "://" not in path:
+            check_checkpoint_file(urlparse(path)._replace(query="").geturl())
+        return super().load(path, *args, **kwargs)
+
+    def _torch_load(self, filename: str) -> Any:
+        return read_checkpoint_file(filename, trust_pickle=self.trust_pickle)
 
     def _load_file(self, filename: str) -> dict:
-        loaded = super()._load_file(filename)
+        check_checkpoint_file(filename)
+        if filename.endswith(FULL_PICKLE_SUFFIXES):
+            if not self.trust_pickle:
+                raise _refusal(filename, "Detectron2 reads this format with full pickle")
+            with _naming_unreadable(filename):
+                loaded = super()._load_file(filename)
+        else:
+            loaded = super()._load_file(filename)
         state = loaded.get("model", loaded) if isinstance(loaded, Mapping) else loaded
         if isinstance(state, Mapping) and looks_official(state):
             official = _strip_data_parallel(state)

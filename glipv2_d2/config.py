@@ -10,10 +10,11 @@ import math
 import os
 from collections.abc import Sequence
 
+import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_glipv2_config", "setup_cfg"]
+__all__ = ["add_glipv2_config", "check_device_available", "setup_cfg"]
 
 
 def setup_cfg(config_file: str | os.PathLike, opts: Sequence[str] = (), *, freeze: bool = True) -> CN:
@@ -24,6 +25,7 @@ def setup_cfg(config_file: str | os.PathLike, opts: Sequence[str] = (), *, freez
     cfg.merge_from_file(str(config_file))
     cfg.merge_from_list(list(opts))
     _resolve_step_fractions(cfg)
+    _check_schedule(cfg)
     if freeze:
         cfg.freeze()
     return cfg
@@ -38,6 +40,41 @@ def _resolve_step_fractions(cfg: CN) -> None:
     if not all(0.0 < f < 1.0 for f in fractions):
         raise ValueError(f"SOLVER.STEP_FRACTIONS must lie in (0, 1), got {fractions}")
     cfg.SOLVER.STEPS = tuple(int(f * cfg.SOLVER.MAX_ITER) for f in fractions)
+
+
+def _check_schedule(cfg: CN) -> None:
+    """The LR schedule Detectron2 will build from MAX_ITER and STEPS is valid, so that a run too
+    short for its decay steps fails here naming the keys, not later inside the scheduler."""
+    max_iter = cfg.SOLVER.MAX_ITER
+    if max_iter < 1:
+        raise ValueError(f"SOLVER.MAX_ITER must be a positive number of iterations, got {max_iter}")
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupMultiStepLR":
+        return
+    steps = [s for s in cfg.SOLVER.STEPS if s <= max_iter]  # Detectron2 ignores later steps
+    if not steps:
+        return
+    distinct = all(a < b for a, b in zip(steps, steps[1:]))
+    if steps[0] < 1 or not distinct or len(steps) >= max_iter:
+        origin = f" (SOLVER.STEP_FRACTIONS {tuple(cfg.SOLVER.STEP_FRACTIONS)})" if cfg.SOLVER.STEP_FRACTIONS else ""
+        raise ValueError(
+            f"SOLVER.MAX_ITER {max_iter} is too small for the LR decay steps SOLVER.STEPS {tuple(steps)}{origin}: "
+            "each step must be a distinct iteration in [1, SOLVER.MAX_ITER); raise SOLVER.MAX_ITER or change the steps"
+        )
+
+
+def check_device_available(cfg: CN) -> None:
+    """Fail before a model is built on a device this machine lacks: torch's own error names the
+    driver, not the config key to change."""
+    try:
+        device = torch.device(cfg.MODEL.DEVICE)
+    except RuntimeError as error:
+        raise ValueError(f"MODEL.DEVICE {cfg.MODEL.DEVICE!r} is not a device name torch knows: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but this machine has no GPU; use MODEL.DEVICE cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but this machine has {torch.cuda.device_count()} GPU(s)"
+        )
 
 
 def add_glipv2_config(cfg: CN) -> CN:
@@ -126,6 +163,8 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.MLM.INIT_FROM_TEXT_MODEL = True  # with LOAD_PRETRAINED, start from MODEL_PATH's LM head if it has one
     # Grounding losses of samples flagged "weak" (captions with pseudo boxes) are multiplied by this.
     cfg.MODEL.WEAK_SAMPLE_LOSS_WEIGHT = 1.0
+    # Load checkpoints that need full unpickling (legacy .pkl, pickled objects): they can run code.
+    cfg.MODEL.TRUST_PICKLED_WEIGHTS = False
 
     cfg.TEST.PROMPT_CHUNK_SIZE = 0  # categories per prompt at evaluation (0: as many as fit)
     cfg.TEST.LVIS_FIXED_AP = False  # LVIS "fixed AP": top 10,000 detections per category over the split
@@ -158,6 +197,7 @@ def add_glipv2_config(cfg: CN) -> CN:
 
     # Mixed pre-training data (glipv2_d2/data/build.py).
     cfg.DATASETS.TRAIN_RATIOS = []  # draw weight per DATASETS.TRAIN entry ([]: proportional to dataset sizes)
+    cfg.DATASETS.REGISTER = []  # "name:json_file:image_root" COCO-format sets the launcher registers
 
     # Composition of the meta-architecture from registered parts (anchor strides and widths come
     # from the backbone's output shapes).

@@ -79,7 +79,7 @@ def setup(args: argparse.Namespace) -> tuple[CfgNode, nn.Module]:
     model = build_model(cfg).eval()
     weights = args.weights or cfg.MODEL.WEIGHTS
     if weights:
-        GLIPv2Checkpointer(model, strict=True).load(weights)
+        GLIPv2Checkpointer(model, strict=True, trust_pickle=cfg.MODEL.TRUST_PICKLED_WEIGHTS).load(weights)
     return cfg, model
 
 

@@ -12,7 +12,13 @@ import sys
 
 from detectron2.modeling import build_model
 
-from glipv2_d2.checkpoint import CheckpointMismatchError, convert_official_checkpoint, save_detectron2_checkpoint
+from glipv2_d2.checkpoint import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    UntrustedCheckpointError,
+    convert_official_checkpoint,
+    save_detectron2_checkpoint,
+)
 from glipv2_d2.config import setup_cfg
 
 
@@ -23,18 +29,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="where to write the converted checkpoint")
     parser.add_argument("--ema", action="store_true", help="convert the 'model_ema' weights instead of 'model'")
     parser.add_argument("--trusted-pickle", action="store_true",
-                        help="allow arbitrary pickled objects (only for files from a source you trust)")
+                        help="allow arbitrary pickled objects (only for files from a source you trust); "
+                        "same as MODEL.TRUST_PICKLED_WEIGHTS True")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
+    trust = ["MODEL.TRUST_PICKLED_WEIGHTS", "True"] if args.trusted_pickle else []
+    cfg = setup_cfg(args.config_file, [*args.opts, *trust, "MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
     try:
-        state_dict = convert_official_checkpoint(args.input, model, args.ema, args.trusted_pickle)
-    except CheckpointMismatchError as error:
+        state_dict = convert_official_checkpoint(args.input, model, args.ema, cfg.MODEL.TRUST_PICKLED_WEIGHTS)
+    except (CheckpointMismatchError, CheckpointFileError, UntrustedCheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     save_detectron2_checkpoint(state_dict, args.output)

@@ -6,7 +6,20 @@ Examples:
       --categories "person,dog,frisbee" --output out/ MODEL.WEIGHTS weights/glip_tiny_d2.pth
   python tools/demo.py --config-file configs/glipv2_T.yaml --input photos/ \
       --caption "a man throwing a frisbee to his dog" --phrases "man,frisbee,dog" --output out/
+
+Input a.jpg is drawn to <output>/a.jpg.png with its detections in <output>/a.jpg.json (a.png gives
+a.png.png, so inputs sharing a stem never share outputs; equal file names from different folders get
+-2, -3, ...). --output may not be a folder that holds an input, so originals are never overwritten.
+An input that cannot be read is reported and skipped; the exit code is then 1 once the rest is done.
 """
+
+# ruff: noqa: E402  (the warning filters below must precede the imports that warn)
+import warnings
+
+# Import-time notices of dependencies (fvcore's and Detectron2's torch.jit.script, Detectron2 Swin's
+# meshgrid call) that a demo user cannot act on; every other warning still shows.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
 
 import argparse
 import json
@@ -17,7 +30,9 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.utils.visualizer import Visualizer
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.utils.colormap import colormap
+from detectron2.utils.visualizer import VisImage, Visualizer
 from PIL import Image
 
 from glipv2_d2.checkpoint import CheckpointMismatchError
@@ -27,6 +42,9 @@ from glipv2_d2.engine.predictor import GLIPv2Predictor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 BUILTIN_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
+NEAR_IDENTICAL_IOU = 0.9  # boxes overlapping this much are drawn once, with all their labels
+MIN_PICTURE_SIDE = 640  # small images are drawn enlarged, so that labels cover less of them
+CATEGORY_COLORS = colormap(rgb=True, maximum=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="use the categories of this COCO-format json, in id order, as the prompt")
     parser.add_argument("--phrases", help="comma-separated phrases of --caption to ground (default: all of it)")
     parser.add_argument("--max-images", type=int, default=0, help="process at most this many inputs (0: all)")
-    parser.add_argument("--output", required=True, help="folder for <image>.png and <image>.json")
+    parser.add_argument("--output", required=True,
+                        help="folder for <image file name>.png and .json; not a folder holding an input")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="draw boxes scoring at least this")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
@@ -57,19 +76,48 @@ def demo_cfg(args: argparse.Namespace) -> CfgNode:
 
 
 def list_images(inputs: list[str]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted); a missing path is an error."""
+    """Files as given, folders expanded to their images (sorted, not recursive). A path that does not
+    exist stays in the list, so that it is reported and skipped like any other unreadable input."""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
-        elif path.exists():
-            paths.append(path)
+            paths.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
         else:
-            raise FileNotFoundError(f"input not found: {path}")
+            paths.append(path)
     if not paths:
         raise FileNotFoundError(f"no images in {inputs}")
     return paths
+
+
+def input_folders(inputs: list[str]) -> set[Path]:
+    """Every folder an input lives in: a folder given, or the folder of a file given."""
+    return {(Path(item) if Path(item).is_dir() else Path(item).parent).resolve() for item in inputs}
+
+
+def check_output_folder(output: Path, inputs: list[str]) -> None:
+    """Refuse an --output that holds inputs: its drawings would sit among (or replace) the originals."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder")
+    if output.resolve() in input_folders(inputs):
+        raise ValueError(f"--output {output} is a folder of input images; choose another folder so that "
+                         "no original can be overwritten")
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """One distinct output name per input: its file name with suffix (a.jpg and a.png differ), and
+    -2, -3, ... for equal file names from different folders."""
+    names: list[str] = []
+    taken = {path.name for path in paths}
+    seen: set[str] = set()
+    for path in paths:
+        name, copy = path.name, 1
+        while name in seen or (copy > 1 and name in taken):
+            copy += 1
+            name = f"{path.name}-{copy}"
+        seen.add(name)
+        names.append(name)
+    return names
 
 
 def builtin_image(name: str) -> np.ndarray:
@@ -84,7 +132,7 @@ def split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",")] if text else None
 
 
-def detections_to_json(instances) -> list[dict]:
+def detections_to_json(instances: Instances) -> list[dict]:
     return [
         {"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "phrase": str(phrase)}
         for box, score, label, phrase in zip(
@@ -94,11 +142,80 @@ def detections_to_json(instances) -> list[dict]:
     ]
 
 
-def draw(image_bgr: np.ndarray, instances, score_threshold: float) -> np.ndarray:
+def category_color(label: int) -> np.ndarray:
+    """The same RGB colour (0..1) for every box of a category, in every picture."""
+    return CATEGORY_COLORS[label % len(CATEGORY_COLORS)]
+
+
+def near_identical_groups(boxes: Boxes, scores: torch.Tensor) -> list[list[int]]:
+    """Indices grouped best score first, each group the boxes overlapping its best one by
+    NEAR_IDENTICAL_IOU or more: one box per group is drawn, so their labels do not stack."""
+    iou = pairwise_iou(boxes, boxes)
+    order = torch.argsort(scores, descending=True).tolist()
+    grouped: set[int] = set()
+    groups: list[list[int]] = []
+    for best in order:
+        if best in grouped:
+            continue
+        group = [i for i in order if i not in grouped and iou[best, i] >= NEAR_IDENTICAL_IOU]
+        grouped.update(group)
+        groups.append(group)
+    return groups
+
+
+class LabelFittingVisualizer(Visualizer):
+    """Detectron2's Visualizer whose labels lie fully inside the image and clear of the labels drawn
+    before them: moved below (else above) an overlapped label, kept in place when there is no room."""
+
+    def __init__(self, img_rgb: np.ndarray, scale: float = 1.0):
+        super().__init__(img_rgb, scale=scale)
+        self.label_extents: list[tuple[float, float, float, float]] = []
+
+    def draw_text(self, text: str, position: tuple[float, float], **kwargs) -> VisImage:
+        output = super().draw_text(text, position, **kwargs)
+        label = output.ax.texts[-1]
+        left, top, right, bottom = self._extent(label)
+        shift_x = max(0.0, -left) - max(0.0, right - output.width)
+        shift_y = max(0.0, -top) - max(0.0, bottom - output.height)
+        extent = (left + shift_x, top + shift_y, right + shift_x, bottom + shift_y)
+        height = extent[3] - extent[1]
+        for placed in sorted(self.label_extents, key=lambda other: other[1]):
+            if not _overlap(extent, placed):
+                continue
+            if placed[3] + height <= output.height:
+                extent = (extent[0], placed[3], extent[2], placed[3] + height)
+            elif placed[1] - height >= 0:
+                extent = (extent[0], placed[1] - height, extent[2], placed[1])
+        x, y = label.get_position()
+        label.set_position((x + extent[0] - left, y + extent[1] - top))
+        self.label_extents.append(extent)
+        return output
+
+    def _extent(self, label) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) of a drawn label and its background, in image pixels."""
+        box = label.get_window_extent(renderer=self.output.canvas.get_renderer()).padded(2 * self.output.scale)
+        (x0, y0), (x1, y1) = self.output.ax.transData.inverted().transform(box.get_points())
+        return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def draw(image_bgr: np.ndarray, instances: Instances, score_threshold: float) -> np.ndarray:
+    """The image with every detection scoring at least score_threshold: colour by category,
+    near-identical boxes drawn once with one label line per detection."""
     keep = instances[instances.scores >= score_threshold]
-    labels = [f"{phrase} {score:.2f}" for phrase, score in zip(keep.pred_phrases, keep.scores.tolist())]
-    visualizer = Visualizer(image_bgr[:, :, ::-1])
-    return visualizer.overlay_instances(boxes=keep.pred_boxes.tensor.numpy(), labels=labels).get_image()
+    boxes, labels, colors = [], [], []
+    for group in near_identical_groups(keep.pred_boxes, keep.scores):
+        boxes.append(keep.pred_boxes.tensor[group[0]].tolist())
+        labels.append("\n".join(f"{keep.pred_phrases[i]} {float(keep.scores[i]):.2f}" for i in group))
+        colors.append(category_color(int(keep.pred_classes[group[0]])))
+    scale = max(1.0, MIN_PICTURE_SIDE / max(image_bgr.shape[:2]))
+    visualizer = LabelFittingVisualizer(image_bgr[:, :, ::-1], scale=scale)
+    drawn = visualizer.overlay_instances(boxes=np.asarray(boxes).reshape(-1, 4), labels=labels,
+                                         assigned_colors=colors)
+    return drawn.get_image()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,26 +231,39 @@ def main(argv: list[str] | None = None) -> int:
     if phrases and not args.caption:
         print("error: --phrases only applies to --caption", file=sys.stderr)
         return 2
+    failed: list[str] = []
     try:
-        predictor = GLIPv2Predictor(demo_cfg(args))
+        out_dir = Path(args.output)
+        check_output_folder(out_dir, args.input or [])
         if args.builtin_image:
             named = [(args.builtin_image, builtin_image(args.builtin_image))]
         else:
-            named = [(path.stem, path) for path in list_images(args.input)]
+            paths = list_images(args.input)
+            named = list(zip(output_names(paths), paths))
         if args.max_images > 0:
             named = named[: args.max_images]
-        out_dir = Path(args.output)
+        predictor = GLIPv2Predictor(demo_cfg(args))
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, image in named:
-            instances = predictor(image, prompt, phrases=phrases)
-            bgr = image if isinstance(image, np.ndarray) else predictor.load_image(image)
+            try:
+                bgr = image if isinstance(image, np.ndarray) else predictor.load_image(image)
+            except (OSError, ValueError) as error:
+                print(f"error: skipped {image}: {error}", file=sys.stderr)
+                failed.append(str(image))
+                continue
+            instances = predictor(bgr, prompt, phrases=phrases)
+            drawn = int((instances.scores >= args.score_threshold).sum())
             Image.fromarray(draw(bgr, instances, args.score_threshold)).save(out_dir / f"{name}.png")
             record = {"image": str(image) if isinstance(image, Path) else name, "prompt": prompt,
                       "detections": detections_to_json(instances)}
             (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
-            print(f"{name}: {len(instances)} detections -> {out_dir / name}.png / .json")
+            print(f"{image}: {len(instances)} detections, {drawn} drawn at score >= {args.score_threshold:g} "
+                  f"-> {out_dir / name}.png / .json")
     except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"error: {len(failed)} of {len(named)} inputs could not be read: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

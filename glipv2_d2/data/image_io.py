@@ -3,6 +3,10 @@
 Grayscale, palette, RGBA and 16-bit images are turned into 8-bit 3-channel images the way a user
 expects (16-bit intensities are rescaled, not clipped); a file that cannot be decoded raises an
 error naming it.
+
+Float arrays follow one rule: every value must be finite and lie in [0, 1], which is scaled to
+0..255. Anything else is refused with the range seen, never clipped: a float image in 0..255
+clipped to [0, 1] would come out nearly white, and NaN pixels would turn black.
 """
 
 from pathlib import Path
@@ -33,6 +37,8 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
 def read_image(path: str | Path, format: str = "BGR") -> np.ndarray:
     """Decode an image file (EXIF orientation applied) into HxWx3 uint8 in `format` (BGR or RGB)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"image path is a directory, not an image file: {path}")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
@@ -58,7 +64,7 @@ def array_to_bgr(image: np.ndarray, format: str = "BGR") -> np.ndarray:
     if image.dtype == np.uint16:
         image = (image.astype(np.float64) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
     elif np.issubdtype(image.dtype, np.floating):
-        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        image = (_checked_unit_range(image) * 255.0 + 0.5).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise ValueError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
     if image.shape[2] == 1:
@@ -67,3 +73,14 @@ def array_to_bgr(image: np.ndarray, format: str = "BGR") -> np.ndarray:
     if format == "RGB":
         image = image[:, :, ::-1]
     return np.ascontiguousarray(image)
+
+
+def _checked_unit_range(image: np.ndarray) -> np.ndarray:
+    """A float image, refused unless every value is finite and in [0, 1] (see the module doc)."""
+    if not np.isfinite(image).all():
+        raise ValueError(f"float image has {int((~np.isfinite(image)).sum())} NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:
+        hint = "; for 0..255 values pass image.astype(np.uint8)" if high <= 255.0 and low >= 0.0 else ""
+        raise ValueError(f"float image values must lie in [0, 1], got [{low:g}, {high:g}]{hint}")
+    return image

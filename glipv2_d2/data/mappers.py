@@ -171,6 +171,8 @@ class DetectionGroundingMapper:
             raise ValueError(f"image_format must be 'BGR' or 'RGB', got {image_format!r}")
         if not class_names:
             raise ValueError("DetectionGroundingMapper: class_names is empty")
+        # Every name is checked now, when training starts, not when the final evaluation prompts it.
+        prompt_builder.check_vocabulary(class_names)
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
@@ -213,8 +215,9 @@ class DetectionGroundingMapper:
 
     def _first_test_prompt(self) -> Prompt:
         """The one prompt every test image shares, built once."""
-        prompt = self.prompt_builder.categories(self.names)[0]
-        if len(prompt.label_to_tokens) < len(self.names):
+        chunks = self.prompt_builder.categories(self.names)
+        prompt = chunks[0]
+        if len(chunks) > 1:
             logger.warning(
                 "Test prompt holds the first %d of %d categories (MAX_QUERY_LEN=%d); the rest need the "
                 "chunked evaluation",

@@ -3,6 +3,7 @@ join category names with the same separator, token limit and chunking."""
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
@@ -14,14 +15,24 @@ from ..structures import Prompt
 from .prompts import (
     DEFAULT_SEPARATOR,
     build_labeled_prompt,
+    check_vocabulary,
     chunk_categories,
     encode_prompt,
     locate_phrases,
     sample_detection_prompt,
     tokenize_prompts,
+    vocabulary_items,
 )
 
 __all__ = ["PromptBuilder"]
+
+
+@functools.lru_cache(maxsize=32)
+def _checked_vocabulary(
+    items: tuple[tuple[Hashable, str], ...], tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> tuple[tuple[Hashable, str], ...]:
+    """A predictor asked with the same vocabulary on every call checks (and warns about) it once."""
+    return tuple(check_vocabulary(dict(items), tokenizer, max_len))
 
 
 class PromptBuilder:
@@ -52,10 +63,18 @@ class PromptBuilder:
             "chunk_size": cfg.TEST.PROMPT_CHUNK_SIZE or None,
         }
 
+    def check_vocabulary(self, names: Sequence[str] | Mapping[int, str]) -> list[tuple[Hashable, str]]:
+        """The vocabulary's (label, name) pairs without repeats, every name checked against this
+        builder's token limit (see ``prompts.check_vocabulary``): call it where a vocabulary enters,
+        so a bad name is reported before any prompt of it is needed."""
+        return list(_checked_vocabulary(tuple(vocabulary_items(names)), self.tokenizer, self.max_query_len))
+
     def categories(self, names: Sequence[str] | Mapping[int, str]) -> list[Prompt]:
         """A vocabulary as detection prompts: one per chunk that fits the token limit (labels are the
-        list indices or the mapping's keys); every category lands in exactly one prompt."""
-        chunks = chunk_categories(names, self.tokenizer, self.max_query_len, self.chunk_size, self.separator)
+        list indices or the mapping's keys); every category lands in exactly one prompt, except a
+        repeated name, which is prompted once, under its first label."""
+        unique = dict(self.check_vocabulary(names))
+        chunks = chunk_categories(unique, self.tokenizer, self.max_query_len, self.chunk_size, self.separator)
         prompts = []
         for chunk in chunks:
             caption, spans = build_labeled_prompt(chunk, self.separator)

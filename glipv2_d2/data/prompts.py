@@ -36,6 +36,7 @@ Conventions, following the official GLIP code (maskrcnn_benchmark at 9dda955):
 from __future__ import annotations
 
 import logging
+import numbers
 import random
 import re
 import zlib
@@ -54,6 +55,8 @@ __all__ = [
     "clean_category_name",
     "category_uid",
     "check_spans",
+    "check_vocabulary",
+    "vocabulary_items",
     "encode_prompt",
     "locate_phrases",
     "positive_map_to_token_map",
@@ -317,9 +320,7 @@ def chunk_categories(
     category lands in exactly one chunk. ``chunk_size=None`` packs greedily by exact token count;
     an int gives fixed-size chunks (the paper's LVIS protocol: 40), checked to fit.
     """
-    items = _label_items(names)
-    if not items:
-        raise ValueError("chunk_categories: the list of category names is empty")
+    items = vocabulary_items(names)
     for label, name in items:
         cleaned = clean_category_name(name) if clean else name
         if not cleaned.strip():
@@ -354,6 +355,62 @@ def chunk_categories(
                 f"{length} tokens > max_len={max_len}; use a smaller chunk_size or chunk_size=None"
             )
     return chunks
+
+
+def vocabulary_items(names: Sequence[str] | Mapping[Label, str]) -> list[tuple[Label, str]]:
+    """(label, name) pairs of a category list (labels are its indices) or {label: name} mapping,
+    refusing anything but a non-empty collection of strings with an error naming the bad item."""
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise TypeError(f"expected a list of category names, got {names!r}")
+    items = _label_items(names)
+    if not items:
+        raise ValueError("the list of category names is empty")
+    for label, name in items:
+        if not isinstance(name, str):
+            raise TypeError(f"category {label!r} is not a string: {name!r}")
+    return items
+
+
+def check_vocabulary(
+    names: Sequence[str] | Mapping[Label, str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    clean: bool = True,
+) -> list[tuple[Label, str]]:
+    """The vocabulary's (label, name) pairs, each checked once, up front, so that no name fails only
+    when its prompt is first built (at the final evaluation, for a training vocabulary).
+
+    Errors name the category: not a string, empty after cleaning, or too long for ``max_len`` on its
+    own. Warnings: a name repeated (same ``category_uid``) is dropped after its first label, since
+    two labels with one text would give every box twice; a name whose tokens are all [UNK] (emoji)
+    reads the same as every other such name.
+    """
+    items = vocabulary_items(names)
+    cleaned = []
+    for label, name in items:
+        text = clean_category_name(name) if clean else name.strip()
+        if not text:
+            raise ValueError(f"category {label!r} ({name!r}) is empty after cleaning; it cannot be prompted")
+        cleaned.append(text)
+    token_ids = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
+    budget = max_len - tokenizer.num_special_tokens_to_add(pair=False)
+    first_label: dict[int, Label] = {}
+    unique = []
+    for (label, name), ids in zip(items, token_ids):
+        if len(ids) > budget:
+            raise ValueError(f"category {label!r} ({name!r}) alone needs {len(ids)} tokens > the {budget} "
+                             f"that max_len={max_len} leaves for a name; shorten it")
+        if tokenizer.unk_token_id is not None and all(i == tokenizer.unk_token_id for i in ids):
+            logger.warning("category %r (%r) tokenizes to nothing but [UNK]: the model cannot tell it from "
+                           "other such names; describe it in words", label, name)
+        uid = category_uid(name)
+        if uid in first_label:
+            logger.warning("category %r (%r) repeats category %r; it is dropped from the prompt so its boxes "
+                           "are not returned twice", label, name, first_label[uid])
+            continue
+        first_label[uid] = label
+        unique.append((label, name))
+    return unique
 
 
 def category_uid(name: str) -> int:
@@ -528,6 +585,8 @@ def locate_phrases(
     if phrases is not None:
         if isinstance(phrases, str):
             raise TypeError(f"phrases must be a list of strings, got the string {phrases!r}")
+        if len(phrases) == 0:
+            raise ValueError(f"phrases is empty for caption {caption!r}; give one or more, or None")
         entities = []
         for phrase in phrases:
             if not isinstance(phrase, str) or not phrase.strip():
@@ -536,9 +595,12 @@ def locate_phrases(
             entities.append((caption[start:end], [(start, end)]))
         return entities
     if spans is not None:
+        if len(spans) == 0:
+            raise ValueError(f"spans is empty for caption {caption!r}; give one or more, or None")
         entities = []
         for i, entity in enumerate(spans):
-            pairs = [entity] if len(entity) == 2 and all(isinstance(v, int) for v in entity) else entity
+            # numbers.Integral also admits numpy integers (spans cut from an array).
+            pairs = [entity] if len(entity) == 2 and all(isinstance(v, numbers.Integral) for v in entity) else entity
             checked = check_spans(pairs, caption, f"entity #{i}")
             if not any(caption[s:e].strip() for s, e in checked):
                 raise ValueError(f"entity #{i}: spans {checked} cover only whitespace in {caption!r}")

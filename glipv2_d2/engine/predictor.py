@@ -1,11 +1,12 @@
 """Image(s) + prompt(s) -> grounded detections, the way users call GLIP outside training.
 
 A prompt is either a list of category names (detection; vocabularies that exceed the token limit
-are split into chunks, each run as its own prompt, and the detections merged per image) or a
+are split into chunks, each run as its own prompt, and the detections merged per image, keeping
+the best TEST.DETECTIONS_PER_IMAGE by score as official GLIP's chunked evaluation does) or a
 free-form caption whose phrases are given as strings or character spans (grounding).
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,11 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from ..checkpoint import GLIPv2Checkpointer
+from ..config import check_device_available
 from ..data.image_io import array_to_bgr, read_image
 from ..data.prompt_builder import PromptBuilder
 from ..data.transforms import build_test_resize
+from ..evaluation.prompted_inference import merge_chunk_detections
 from ..structures import Prompt
 
 ImageInput = str | Path | np.ndarray
@@ -37,10 +40,13 @@ class GLIPv2Predictor:
     """
 
     def __init__(self, cfg: CfgNode, batch_size: int = 1):
+        check_device_available(cfg)
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
         if cfg.MODEL.WEIGHTS:
-            GLIPv2Checkpointer(self.model, strict=True).load(cfg.MODEL.WEIGHTS)
+            GLIPv2Checkpointer(self.model, strict=True, trust_pickle=cfg.MODEL.TRUST_PICKLED_WEIGHTS).load(
+                cfg.MODEL.WEIGHTS
+            )
         self.resize = build_test_resize(cfg)
         self.batch_size = batch_size
         self.prompt_builder = PromptBuilder(cfg, self.model.tokenizer)
@@ -61,9 +67,14 @@ class GLIPv2Predictor:
     def build_prompts(self, prompt: PromptInput, phrases: Sequence[str] | None = None,
                       spans: Sequence | None = None) -> list[Prompt]:
         """Category list -> one prompt per chunk that fits the token limit (labels are the list
-        indices); caption -> one prompt whose labels are its phrases (given as text or spans)."""
+        indices; a repeated name is prompted once, with a warning); caption -> one prompt whose
+        labels are its phrases (given as text or spans)."""
         if isinstance(prompt, str):
             return [self.prompt_builder.caption(prompt, phrases=phrases, spans=spans)]
+        if not isinstance(prompt, Iterable):
+            raise TypeError(f"prompt must be a caption string or a list of category names, got {prompt!r}")
+        if phrases is not None or spans is not None:
+            raise ValueError("phrases and spans locate entities in a caption; a category list takes neither")
         names = list(prompt)
         if not names:
             raise ValueError("empty prompt: the category list has no names")
@@ -94,7 +105,7 @@ class GLIPv2Predictor:
                 per_image[i].append(output["instances"].to("cpu"))
         results = []
         for parts, prompts in zip(per_image, prompts_per_image):
-            merged = Instances.cat(parts) if len(parts) > 1 else parts[0]
+            merged = merge_chunk_detections(parts, self.cfg.TEST.DETECTIONS_PER_IMAGE)
             names = {label: name for prompt in prompts for label, name in prompt.label_names.items()}
             merged.pred_phrases = np.array([names[int(c)] for c in merged.pred_classes], dtype=object)
             results.append(merged)

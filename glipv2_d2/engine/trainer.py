@@ -83,7 +83,9 @@ class GLIPv2Trainer(DefaultTrainer):
         data_loader, self.train_sampler = self.build_resumable_train_loader(cfg)
         self._trainer = self.build_step_trainer(cfg, self.build_ddp_model(model), data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = GLIPv2Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = GLIPv2Checkpointer(
+            model, cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.TRUST_PICKLED_WEIGHTS, trainer=weakref.proxy(self)
+        )
         self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER

@@ -4,6 +4,14 @@ The vocabulary is split into prompts that fit the token limit (or into fixed-siz
 categories per prompt as the paper's LVIS protocol), the model runs once per chunk, and each image's
 detections are concatenated, as official GLIP does. Labels are the dataset's contiguous class ids,
 so Detectron2's COCOEvaluator / LVISEvaluator read the output unchanged.
+
+Each chunk keeps the model's own per-image cap (MODEL.ATSS.DETECTIONS_PER_IMG), so n chunks give up
+to n times as many boxes. Official GLIP cuts the merged list again: its LVIS evaluation keeps the
+best 300 of an image by score over all chunks (the evaluator's max_dets), and its fixed-AP protocol
+keeps every box (top 10,000 per category over the split instead). `merge_chunk_detections` is that
+cut, with the cap given by the caller (TEST.DETECTIONS_PER_IMAGE, Detectron2's key for it): the
+predictor applies it. The trainer's evaluation leaves it to the evaluator, which already makes the
+same cut (LVISEvaluator's max_dets_per_image is TEST.DETECTIONS_PER_IMAGE; fixed AP passes -1).
 """
 
 from collections.abc import Sequence
@@ -13,17 +21,37 @@ from torch import nn
 
 from ..structures import Prompt
 
+__all__ = ["PromptedDetector", "merge_chunk_detections"]
+
+
+def merge_chunk_detections(parts: Sequence[Instances], max_per_image: int | None) -> Instances:
+    """One image's detections from every chunk of a vocabulary: concatenated, then, when there are
+    several chunks and more than `max_per_image` boxes, the best `max_per_image` by score (ties
+    broken by chunk order). A single chunk is returned as the model gave it (already capped by
+    MODEL.ATSS.DETECTIONS_PER_IMG); `max_per_image` None or negative keeps every box."""
+    if not parts:
+        raise ValueError("merge_chunk_detections needs the detections of at least one chunk")
+    if len(parts) == 1:
+        return parts[0]
+    merged = Instances.cat(list(parts))
+    if max_per_image is None or max_per_image < 0 or len(merged) <= max_per_image:
+        return merged
+    order = merged.scores.argsort(descending=True, stable=True)
+    return merged[order[:max_per_image]]
+
 
 class PromptedDetector(nn.Module):
     """Wraps a GLIPv2 model so that `inference_on_dataset` can call it on plain image dicts; the
-    prompts are the vocabulary's chunks (``PromptBuilder.categories``), encoded once."""
+    prompts are the vocabulary's chunks (``PromptBuilder.categories``), encoded once. An image's
+    merged detections are cut to `max_detections_per_image` (None: every box, as fixed AP needs)."""
 
-    def __init__(self, model: nn.Module, prompts: Sequence[Prompt]):
+    def __init__(self, model: nn.Module, prompts: Sequence[Prompt], max_detections_per_image: int | None = None):
         super().__init__()
         if not prompts:
             raise ValueError("PromptedDetector needs at least one prompt")
         self.model = model
         self.prompts = list(prompts)
+        self.max_detections_per_image = max_detections_per_image
 
     def forward(self, batched_inputs: list[dict]) -> list[dict]:
         per_image: list[list[Instances]] = [[] for _ in batched_inputs]
@@ -31,4 +59,4 @@ class PromptedDetector(nn.Module):
             prompted = [{**x, "prompt": prompt} for x in batched_inputs]
             for parts, output in zip(per_image, self.model(prompted)):
                 parts.append(output["instances"])
-        return [{"instances": Instances.cat(parts) if len(parts) > 1 else parts[0]} for parts in per_image]
+        return [{"instances": merge_chunk_detections(parts, self.max_detections_per_image)} for parts in per_image]

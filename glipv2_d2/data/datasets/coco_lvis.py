@@ -2,11 +2,15 @@
 
 Detectron2's own loaders do the parsing; this module only adds what the GLIPv2 data contract
 needs on top of them: the "task" of every dict, the image-level "caption" (and any other
-image-level keys) and the per-annotation "tokens_positive" spans of MDETR-style files.
+image-level keys) and the per-annotation "tokens_positive" spans of MDETR-style files, and
+the checks a custom json needs before anything trains on it (unique image ids, sound boxes).
 """
 
 import json
+import logging
+import math
 import os
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,6 +30,8 @@ __all__ = [
     "register_grounding_coco",
     "register_coco_and_lvis",
 ]
+
+logger = logging.getLogger(__name__)
 
 # name -> (image root, json file), relative to the datasets root; Detectron2's folder conventions.
 _COCO_SPLITS = {
@@ -52,10 +58,67 @@ def datasets_root() -> str:
 
 
 def _image_fields(json_file: str, keys: Iterable[str]) -> dict[int, dict[str, Any]]:
-    """image id -> the requested image-level keys it has (load_coco_json drops them)."""
+    """image id -> the requested image-level keys it has (load_coco_json drops them).
+
+    Also refuses a repeated image id: pycocotools keeps one of the images and gives it the boxes of
+    both, so training would silently draw one image's boxes on another.
+    """
     with PathManager.open(json_file) as f:
         images = json.load(f)["images"]
+    repeated = [image_id for image_id, count in Counter(img["id"] for img in images).items() if count > 1]
+    if repeated:
+        raise ValueError(
+            f"{json_file}: image id {repeated[0]} is used by more than one entry of 'images' "
+            f"({len(repeated)} repeated ids in all); every image needs its own id"
+        )
     return {img["id"]: {k: img[k] for k in keys if k in img} for img in images}
+
+
+def _annotation_name(json_file: str, record: dict, anno: dict, index: int) -> str:
+    """How errors name one annotation: file, image and the annotation's id (or its position)."""
+    which = f"annotation id {anno['id']}" if "id" in anno else f"annotation #{index}"
+    return f"{json_file}: image {record['image_id']} ({record['file_name']}), {which}"
+
+
+def _drop_reason(anno: dict, record: dict, where: str) -> str | None:
+    """Why a box cannot be trained on (None when it can); a malformed or negative-size box is an
+    error, since Detectron2 would flip it into a different, valid-looking box."""
+    if "bbox" not in anno:
+        raise ValueError(f"{where}: has no 'bbox' (a 'segmentation' alone is not enough); add its box")
+    box = anno["bbox"]
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+        raise ValueError(f"{where}: 'bbox' must be 4 numbers [x, y, width, height], got {box!r}")
+    x, y, width, height = box
+    if not all(math.isfinite(v) for v in box):
+        return "NaN or infinite coordinates"
+    if width < 0 or height < 0:
+        raise ValueError(f"{where}: 'bbox' {box} has a negative width or height; COCO boxes are [x, y, w, h]")
+    if width == 0 or height == 0:
+        return "zero width or height"
+    if x >= record["width"] or y >= record["height"] or x + width <= 0 or y + height <= 0:
+        return "entirely outside the image"
+    return None
+
+
+def _drop_unusable_boxes(dicts: list[dict], json_file: str) -> None:
+    """Remove boxes no model can learn from, with one warning per file that counts them by reason;
+    the mapper would drop them anyway, but silently."""
+    dropped: Counter[str] = Counter()
+    total = 0
+    for record in dicts:
+        kept = []
+        for index, anno in enumerate(record["annotations"]):
+            total += 1
+            reason = _drop_reason(anno, record, _annotation_name(json_file, record, anno, index))
+            anno.pop("id", None)
+            if reason is None:
+                kept.append(anno)
+            else:
+                dropped[reason] += 1
+        record["annotations"] = kept
+    if dropped:
+        reasons = ", ".join(f"{count} with {reason}" for reason, count in dropped.most_common())
+        logger.warning("%s: dropped %d of %d boxes: %s", json_file, sum(dropped.values()), total, reasons)
 
 
 def _check_spans(record: dict, json_file: str) -> None:
@@ -76,12 +139,16 @@ def load_grounding_coco_json(
 ) -> list[dict]:
     """load_coco_json plus "task", the image-level `image_keys` and per-annotation "tokens_positive".
 
-    The image-level keys need a second parse of the json (Detectron2's loader discards them), so
-    pass image_keys=() for large files that have none, e.g. COCO instances.
+    Bad boxes are refused here, at load time, naming file, image and annotation (a missing or
+    negative-size "bbox"); boxes without area or outside their image are dropped with one counted
+    warning. The image-level keys and the check that image ids are unique need a second parse of
+    the json (Detectron2's loader discards both), so pass image_keys=() only for large files known
+    to be sound, e.g. the official COCO instances.
     """
-    dicts = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["tokens_positive"])
+    dicts = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["tokens_positive", "id"])
     image_keys = tuple(image_keys)
     fields = _image_fields(json_file, image_keys) if image_keys else {}
+    _drop_unusable_boxes(dicts, json_file)
     for record in dicts:
         record["task"] = task
         record.update(fields.get(record["image_id"], {}))

@@ -36,6 +36,13 @@ def _as_config(config: BertConfig | Mapping[str, Any] | None) -> BertConfig:
     return BertConfig(**dict(config))
 
 
+class _BertModelWithoutPooler(BertModel):
+    """BertModel whose loading skips a checkpoint's pooler: GLIP never uses it, so transformers'
+    load report would list ``pooler.*`` as UNEXPECTED on every run for nothing a user can act on."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^pooler\."]
+
+
 class BertTextEncoder(nn.Module):
     """``transformers.BertModel`` (no pooler) returning the official GLIP language feature dict."""
 
@@ -72,7 +79,7 @@ class BertTextEncoder(nn.Module):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"BERT folder {str(folder)!r} has no config.json")
         config = BertConfig.from_pretrained(str(folder), **dict(config_overrides or {}))
-        model = BertModel.from_pretrained(str(folder), config=config, add_pooling_layer=False)
+        model = _BertModelWithoutPooler.from_pretrained(str(folder), config=config, add_pooling_layer=False)
         return cls(num_last_layers=num_last_layers, use_checkpoint=use_checkpoint, model=model)
 
     @property

@@ -1,0 +1,220 @@
+"""Bad data is refused where it enters, with an error naming it, or counted in one warning; never
+trained on silently (issue 10: COCO jsons, image arrays, prompts and vocabularies)."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog
+
+from glipv2_d2.data.datasets import load_grounding_coco_json, register_grounding_coco, unregister_dataset
+from glipv2_d2.data.image_io import array_to_bgr, read_image
+from glipv2_d2.data.mappers import DetectionGroundingMapper
+from glipv2_d2.data.prompt_builder import PromptBuilder
+from glipv2_d2.data.prompts import locate_phrases
+from glipv2_d2.engine.predictor import GLIPv2Predictor
+from glipv2_d2.modeling.language import build_tokenizer
+
+from .tiny_model import tiny_cfg
+
+
+def _coco(annotations: list[dict], images: list[dict] | None = None) -> dict:
+    images = images or [
+        {"id": 7, "file_name": "a.jpg", "height": 40, "width": 60},
+        {"id": 8, "file_name": "b.jpg", "height": 40, "width": 60},
+    ]
+    for i, anno in enumerate(annotations, start=1):
+        anno.setdefault("id", i)
+        anno.setdefault("category_id", 1)
+        anno.setdefault("iscrowd", 0)
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "dog"}]}
+
+
+def _write(tmp_path, content: dict) -> str:
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps(content))
+    return str(path)
+
+
+def _load(tmp_path, content: dict) -> list[dict]:
+    return load_grounding_coco_json(_write(tmp_path, content), str(tmp_path), "test_input_validation")
+
+
+# --- COCO-format json ---------------------------------------------------------------------------
+
+
+def test_duplicate_image_id_is_an_error_naming_file_and_id(tmp_path):
+    images = [
+        {"id": 7, "file_name": "a.jpg", "height": 40, "width": 60},
+        {"id": 7, "file_name": "b.jpg", "height": 40, "width": 60},
+    ]
+    with pytest.raises(ValueError, match=r"custom\.json: image id 7 is used by more than one"):
+        _load(tmp_path, _coco([{"image_id": 7, "bbox": [1, 1, 5, 5]}], images))
+
+
+def test_negative_box_size_is_an_error_naming_file_image_and_annotation(tmp_path):
+    content = _coco([{"image_id": 7, "bbox": [1, 1, 5, 5]}, {"image_id": 8, "bbox": [30, 1, -10, 5], "id": 42}])
+    with pytest.raises(ValueError, match=r"custom\.json: image 8 \(.*b\.jpg\), annotation id 42: .*negative"):
+        _load(tmp_path, content)
+
+
+def test_segmentation_without_bbox_fails_at_load_time_naming_image_and_annotation(tmp_path):
+    polygon = [[1, 1, 10, 1, 10, 10]]
+    content = _coco([{"image_id": 7, "segmentation": polygon, "id": 3}])
+    with pytest.raises(ValueError, match=r"image 7 \(.*a\.jpg\), annotation id 3: has no 'bbox'"):
+        _load(tmp_path, content)
+
+
+def test_unusable_boxes_are_dropped_with_one_counted_warning(tmp_path, caplog):
+    content = _coco(
+        [
+            {"image_id": 7, "bbox": [1, 1, 5, 5]},  # kept
+            {"image_id": 7, "bbox": [float("nan"), 1, 5, 5]},
+            {"image_id": 7, "bbox": [70, 1, 5, 5]},  # right of the 60-pixel-wide image
+            {"image_id": 8, "bbox": [-20, 1, 5, 5]},  # left of it
+            {"image_id": 8, "bbox": [3, 3, 0, 5]},
+            {"image_id": 8, "bbox": [55, 35, 20, 20]},  # partly inside: kept
+        ]
+    )
+    with caplog.at_level(logging.WARNING, logger="glipv2_d2.data.datasets.coco_lvis"):
+        dicts = _load(tmp_path, content)
+    assert [a["bbox"] for d in dicts for a in d["annotations"]] == [[1, 1, 5, 5], [55, 35, 20, 20]]
+    assert all("id" not in a for d in dicts for a in d["annotations"])
+    warnings = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "dropped 4 of 6 boxes" in warnings[0] and "custom.json" in warnings[0]
+    assert "2 with entirely outside the image" in warnings[0]
+    assert "1 with NaN or infinite coordinates" in warnings[0] and "1 with zero width or height" in warnings[0]
+
+
+def test_registered_custom_json_is_validated_when_loaded(tmp_path):
+    path = _write(tmp_path, _coco([{"image_id": 7, "bbox": [1, 1, -5, 5]}]))
+    register_grounding_coco("test_input_validation_custom", path, str(tmp_path))
+    try:
+        with pytest.raises(ValueError, match="image 7"):
+            DatasetCatalog.get("test_input_validation_custom")
+    finally:
+        unregister_dataset("test_input_validation_custom")
+
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def test_float_images_in_unit_range_are_scaled():
+    image = np.zeros((2, 3, 3), dtype=np.float32)
+    image[0, 0] = [1.0, 0.5, 0.0]
+    out = array_to_bgr(image)
+    assert out.dtype == np.uint8 and out[0, 0].tolist() == [255, 128, 0] and out[1, 2].tolist() == [0, 0, 0]
+
+
+def test_float_images_outside_unit_range_are_refused_with_the_range_seen():
+    in_bytes = np.full((4, 4, 3), 200.0)
+    in_bytes[0, 0] = 0.0
+    with pytest.raises(ValueError, match=r"\[0, 1\], got \[0, 200\].*astype\(np.uint8\)"):
+        array_to_bgr(in_bytes)
+    with pytest.raises(ValueError, match=r"\[0, 1\], got \[-0.5, 0.5\]"):
+        array_to_bgr(np.array([[-0.5, 0.5]], dtype=np.float64))
+
+
+def test_nan_or_infinite_pixels_are_refused():
+    image = np.full((4, 4, 3), 0.5, dtype=np.float32)
+    image[1, 2, 0] = np.nan
+    image[3, 3, 1] = np.inf
+    with pytest.raises(ValueError, match="2 NaN or infinite values"):
+        array_to_bgr(image)
+
+
+def test_directory_as_image_path_says_so(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"is a directory.*{tmp_path.name}"):
+        read_image(tmp_path)
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def builder() -> PromptBuilder:
+    return PromptBuilder(build_tokenizer("bert-base-uncased"), max_query_len=16)
+
+
+@pytest.mark.parametrize(
+    "names, error, message",
+    [
+        (["dog", 3], TypeError, r"category 1 is not a string: 3"),
+        (["dog", None], TypeError, r"category 1 is not a string: None"),
+        (None, TypeError, r"expected a list of category names, got None"),
+        ([], ValueError, r"empty"),
+    ],
+)
+def test_category_lists_with_bad_items_name_the_item(builder, names, error, message):
+    with pytest.raises(error, match=message):
+        builder.categories(names)
+
+
+def test_empty_phrases_or_spans_are_errors(builder):
+    with pytest.raises(ValueError, match="phrases is empty"):
+        builder.caption("a dog and a cat", phrases=[])
+    with pytest.raises(ValueError, match="spans is empty"):
+        builder.caption("a dog and a cat", spans=[])
+
+
+def test_numpy_integer_spans_equal_python_ones(builder):
+    caption = "a dog and a cat"
+    as_numpy = locate_phrases(caption, spans=[np.array([2, 5]), (np.int64(12), np.int32(15))])
+    assert as_numpy == locate_phrases(caption, spans=[[2, 5], [12, 15]]) == [("dog", [(2, 5)]), ("cat", [(12, 15)])]
+    prompt = builder.caption(caption, spans=np.array([[2, 5], [12, 15]]))
+    assert prompt.label_names == {0: "dog", 1: "cat"}
+
+
+def test_repeated_category_is_prompted_once_with_a_warning(builder, caplog):
+    with caplog.at_level(logging.WARNING, logger="glipv2_d2.data.prompts"):
+        prompts = builder.categories(["dog", "cat", "Dog", "bird"])
+    assert [sorted(p.label_names) for p in prompts] == [[0, 1, 3]]
+    assert prompts[0].caption == "dog. cat. bird"
+    repeats = [r.getMessage() for r in caplog.records if "repeats" in r.getMessage()]
+    assert repeats == ["category 2 ('Dog') repeats category 0; it is dropped from the prompt so its boxes are "
+                       "not returned twice"]
+
+
+def test_all_unknown_token_name_is_named_in_a_warning(builder, caplog):
+    with caplog.at_level(logging.WARNING, logger="glipv2_d2.data.prompts"):
+        builder.categories(["dog", "\U0001f984", "cat \U0001f431"])
+    unknown = [r.getMessage() for r in caplog.records if "[UNK]" in r.getMessage()]
+    assert len(unknown) == 1 and "'\U0001f984'" in unknown[0]
+
+
+def test_too_long_category_fails_when_the_training_mapper_is_built(builder):
+    names = ["dog", "a very long category name that takes far more than sixteen tokens of the budget"]
+    with pytest.raises(ValueError, match=r"category 1 \('a very long .*'\) alone needs 16 tokens > the 14"):
+        DetectionGroundingMapper(
+            is_train=True, augmentations=[], image_format="BGR", prompt_builder=builder, class_names=names
+        )
+
+
+# --- predictor ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def predictor() -> GLIPv2Predictor:
+    return GLIPv2Predictor(tiny_cfg())
+
+
+def test_predictor_names_bad_prompts(predictor):
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    with pytest.raises(TypeError, match="got None"):
+        predictor(image, None)
+    with pytest.raises(TypeError, match="category 1 is not a string: 3"):
+        predictor(image, ["dog", 3])
+    with pytest.raises(ValueError, match="a category list takes neither"):
+        predictor(image, ["dog"], phrases=["dog"])
+
+
+def test_predictor_returns_no_box_for_a_repeated_category(predictor):
+    image = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)
+    repeated = predictor(image, ["red circle", "blue square", "red circle"])
+    once = predictor(image, ["red circle", "blue square"])
+    assert len(once) > 0
+    assert set(repeated.pred_classes.tolist()) <= {0, 1}
+    assert repeated.pred_boxes.tensor.equal(once.pred_boxes.tensor)
+    assert repeated.scores.equal(once.scores)
