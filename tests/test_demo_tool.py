@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import BertModel
 
 import tools.demo as demo
+from glipv2_d2 import visualizer
 from glipv2_d2.modeling.language.bert import BertTextEncoder
 from glipv2_d2.modeling.language.tokenizer import minilm_model_dir
 
@@ -99,7 +100,7 @@ def test_console_line_gives_detections_and_drawn_counts(tmp_path, capsys):
 
 def test_near_identical_boxes_are_drawn_once_best_first():
     boxes = Boxes(torch.tensor([[0.0, 0, 100, 100], [0, 0, 100, 99], [200, 0, 300, 100], [1, 0, 100, 100]]))
-    groups = demo.near_identical_groups(boxes, torch.tensor([0.5, 0.9, 0.7, 0.6]))
+    groups = visualizer.near_identical_groups(boxes, torch.tensor([0.5, 0.9, 0.7, 0.6]))
     assert groups == [[1, 3, 0], [2]]
 
 
@@ -110,20 +111,20 @@ def test_boxes_of_one_category_share_a_colour(tmp_path):
     instances.scores = torch.tensor([0.9, 0.8, 0.7])
     instances.pred_classes = torch.tensor([3, 3, 4])
     instances.pred_phrases = np.array(["dog", "dog", "cat"], dtype=object)
-    picture = demo.draw(image, instances, score_threshold=0.5)
+    picture = visualizer.draw_grounded_detections(image, instances, score_threshold=0.5)
     left_edges = [picture[150, x - 1 : x + 2].astype(int).tolist() for x in (100, 300, 500)]
     assert left_edges[0] == left_edges[1] != left_edges[2]
     assert left_edges[0] != [[128, 128, 128]] * 3
 
 
 def test_labels_stay_inside_the_image_and_clear_of_each_other():
-    visualizer = demo.LabelFittingVisualizer(np.zeros((100, 200, 3), dtype=np.uint8))
+    fitting = visualizer.LabelFittingVisualizer(np.zeros((100, 200, 3), dtype=np.uint8))
     for _ in range(2):
-        visualizer.draw_text("a long label 0.99", (190.0, 95.0), horizontal_alignment="left")
-    first, second = visualizer.label_extents
+        fitting.draw_text("a long label 0.99", (190.0, 95.0), horizontal_alignment="left")
+    first, second = fitting.label_extents
     for left, top, right, bottom in (first, second):
         assert 0 <= left < right <= 200 and 0 <= top < bottom <= 100
-    assert not demo._overlap(first, second)
+    assert not visualizer._overlap(first, second)
 
 
 def transformers_warnings(load) -> str:

@@ -30,21 +30,17 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.structures import Boxes, Instances, pairwise_iou
-from detectron2.utils.colormap import colormap
-from detectron2.utils.visualizer import VisImage, Visualizer
+from detectron2.structures import Instances
 from PIL import Image
 
 from glipv2_d2.checkpoint import CheckpointMismatchError
 from glipv2_d2.config import setup_cfg
 from glipv2_d2.data.datasets import coco_category_metadata, register_all_glipv2_datasets
 from glipv2_d2.engine.predictor import GLIPv2Predictor
+from glipv2_d2.visualizer import draw_grounded_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 BUILTIN_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
-NEAR_IDENTICAL_IOU = 0.9  # boxes overlapping this much are drawn once, with all their labels
-MIN_PICTURE_SIDE = 640  # small images are drawn enlarged, so that labels cover less of them
-CATEGORY_COLORS = colormap(rgb=True, maximum=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -142,82 +138,6 @@ def detections_to_json(instances: Instances) -> list[dict]:
     ]
 
 
-def category_color(label: int) -> np.ndarray:
-    """The same RGB colour (0..1) for every box of a category, in every picture."""
-    return CATEGORY_COLORS[label % len(CATEGORY_COLORS)]
-
-
-def near_identical_groups(boxes: Boxes, scores: torch.Tensor) -> list[list[int]]:
-    """Indices grouped best score first, each group the boxes overlapping its best one by
-    NEAR_IDENTICAL_IOU or more: one box per group is drawn, so their labels do not stack."""
-    iou = pairwise_iou(boxes, boxes)
-    order = torch.argsort(scores, descending=True).tolist()
-    grouped: set[int] = set()
-    groups: list[list[int]] = []
-    for best in order:
-        if best in grouped:
-            continue
-        group = [i for i in order if i not in grouped and iou[best, i] >= NEAR_IDENTICAL_IOU]
-        grouped.update(group)
-        groups.append(group)
-    return groups
-
-
-class LabelFittingVisualizer(Visualizer):
-    """Detectron2's Visualizer whose labels lie fully inside the image and clear of the labels drawn
-    before them: moved below (else above) an overlapped label, kept in place when there is no room."""
-
-    def __init__(self, img_rgb: np.ndarray, scale: float = 1.0):
-        super().__init__(img_rgb, scale=scale)
-        self.label_extents: list[tuple[float, float, float, float]] = []
-
-    def draw_text(self, text: str, position: tuple[float, float], **kwargs) -> VisImage:
-        output = super().draw_text(text, position, **kwargs)
-        label = output.ax.texts[-1]
-        left, top, right, bottom = self._extent(label)
-        shift_x = max(0.0, -left) - max(0.0, right - output.width)
-        shift_y = max(0.0, -top) - max(0.0, bottom - output.height)
-        extent = (left + shift_x, top + shift_y, right + shift_x, bottom + shift_y)
-        height = extent[3] - extent[1]
-        for placed in sorted(self.label_extents, key=lambda other: other[1]):
-            if not _overlap(extent, placed):
-                continue
-            if placed[3] + height <= output.height:
-                extent = (extent[0], placed[3], extent[2], placed[3] + height)
-            elif placed[1] - height >= 0:
-                extent = (extent[0], placed[1] - height, extent[2], placed[1])
-        x, y = label.get_position()
-        label.set_position((x + extent[0] - left, y + extent[1] - top))
-        self.label_extents.append(extent)
-        return output
-
-    def _extent(self, label) -> tuple[float, float, float, float]:
-        """(left, top, right, bottom) of a drawn label and its background, in image pixels."""
-        box = label.get_window_extent(renderer=self.output.canvas.get_renderer()).padded(2 * self.output.scale)
-        (x0, y0), (x1, y1) = self.output.ax.transData.inverted().transform(box.get_points())
-        return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
-
-
-def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def draw(image_bgr: np.ndarray, instances: Instances, score_threshold: float) -> np.ndarray:
-    """The image with every detection scoring at least score_threshold: colour by category,
-    near-identical boxes drawn once with one label line per detection."""
-    keep = instances[instances.scores >= score_threshold]
-    boxes, labels, colors = [], [], []
-    for group in near_identical_groups(keep.pred_boxes, keep.scores):
-        boxes.append(keep.pred_boxes.tensor[group[0]].tolist())
-        labels.append("\n".join(f"{keep.pred_phrases[i]} {float(keep.scores[i]):.2f}" for i in group))
-        colors.append(category_color(int(keep.pred_classes[group[0]])))
-    scale = max(1.0, MIN_PICTURE_SIDE / max(image_bgr.shape[:2]))
-    visualizer = LabelFittingVisualizer(image_bgr[:, :, ::-1], scale=scale)
-    drawn = visualizer.overlay_instances(boxes=np.asarray(boxes).reshape(-1, 4), labels=labels,
-                                         assigned_colors=colors)
-    return drawn.get_image()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dataset:
@@ -253,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             instances = predictor(bgr, prompt, phrases=phrases)
             drawn = int((instances.scores >= args.score_threshold).sum())
-            Image.fromarray(draw(bgr, instances, args.score_threshold)).save(out_dir / f"{name}.png")
+            picture = draw_grounded_detections(bgr, instances, args.score_threshold)
+            Image.fromarray(picture).save(out_dir / f"{name}.png")
             record = {"image": str(image) if isinstance(image, Path) else name, "prompt": prompt,
                       "detections": detections_to_json(instances)}
             (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
