@@ -194,6 +194,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.SOLVER.EMA.DECAY = 0.999  # EMA decay per iteration
     cfg.SOLVER.EMA.EVAL_WITH_EMA = True  # evaluate the EMA weights when EMA is enabled
     cfg.SOLVER.FREEZE_PREFIXES = []  # parameter-name prefixes kept frozen (prompt tuning, linear probe)
+    cfg.SOLVER.TRAIN_ONLY_PREFIXES = []  # train only parameters under these name prefixes, freeze all else (mask stage)
 
     # Mixed pre-training data (glipv2_d2/data/build.py).
     cfg.DATASETS.TRAIN_RATIOS = []  # draw weight per DATASETS.TRAIN entry ([]: proportional to dataset sizes)

@@ -38,7 +38,7 @@ from ..evaluation import (
 )
 from ..utils.seeding import derived_seed
 from .ema import EMAHook, ModelEMA
-from .optimization import build_glipv2_optimizer, freeze_parameters
+from .optimization import build_glipv2_optimizer, describe_trainable, freeze_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,8 @@ class GLIPv2Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
         model = build_model(cfg)
-        frozen = freeze_parameters(cfg, model)
-        if frozen:
-            logger.info("frozen parameters: %d tensors", len(frozen))
+        if freeze_parameters(cfg, model):
+            logger.info("%s; the rest is frozen", describe_trainable(model))
         return model
 
     @classmethod
