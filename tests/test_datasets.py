@@ -39,6 +39,8 @@ QUICKSTART_NAMES = SYNTHETIC_NAMES + [
     "glipv2_synthetic_grounding_train",
     "glipv2_synthetic_grounding_val",
     "glipv2_synthetic_caption_train",
+    "glipv2_synthetic_referring_train",
+    "glipv2_synthetic_referring_val",
 ]
 
 

@@ -1,5 +1,5 @@
 """The quick start's own data: synthetic coloured shapes generated on first use, registered as
-detection (COCO and LVIS format), grounding and pseudo-labelled caption sets.
+detection (COCO and LVIS format), grounding, referring and pseudo-labelled caption sets.
 
 Not part of the glipv2_d2 library; projects/GLIPv2/train_net.py and the tests register the sets
 with ``register_quickstart_datasets``.
@@ -9,6 +9,7 @@ import os
 
 from .grounding import pseudo_label_synthetic, register_synthetic_grounding
 from .lvis_format import coco_to_lvis, register_synthetic_lvis
+from .referring import register_synthetic_referring
 from .shapes import (
     HELDOUT_CATEGORY_IDS,
     SYNTHETIC_CATEGORIES,
@@ -27,6 +28,7 @@ __all__ = [
     "register_quickstart_datasets",
     "register_synthetic_grounding",
     "register_synthetic_lvis",
+    "register_synthetic_referring",
     "register_synthetic_shapes",
 ]
 
@@ -34,7 +36,9 @@ __all__ = [
 def register_quickstart_datasets(root: str | os.PathLike | None = None) -> None:
     """(Re-)register every synthetic set over the shapes under `root` (default
     $DETECTRON2_DATASETS/glipv2_synthetic): glipv2_synthetic_{train,val,heldout},
-    glipv2_synthetic_lvis_val, glipv2_synthetic_grounding_{train,val} and glipv2_synthetic_caption_train."""
+    glipv2_synthetic_lvis_val, glipv2_synthetic_grounding_{train,val}, glipv2_synthetic_referring_{train,val}
+    and glipv2_synthetic_caption_train."""
     register_synthetic_shapes(root)
     register_synthetic_lvis("val")
     register_synthetic_grounding(root)
+    register_synthetic_referring(root)
