@@ -1,6 +1,6 @@
 """Grounded detections drawn with Detectron2's Visualizer, readable however many boxes overlap:
-one colour per category in every picture, near-identical boxes drawn once with all their labels,
-labels kept inside the image and clear of each other."""
+one colour per category in every picture (boxes and masks alike), near-identical boxes drawn once
+with all their labels, labels kept inside the image and clear of each other."""
 
 from __future__ import annotations
 
@@ -79,16 +79,17 @@ def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float,
 
 def draw_grounded_detections(image_bgr: np.ndarray, instances: Instances, score_threshold: float) -> np.ndarray:
     """The RGB picture of every detection scoring at least score_threshold (Instances with
-    pred_boxes, scores, pred_classes, pred_phrases): colour by category, near-identical boxes drawn
-    once with one label line per detection."""
+    pred_boxes, scores, pred_classes, pred_phrases, and pred_masks when the model segments): colour
+    by category, masks filled in their box's colour, near-identical boxes drawn once with one label
+    line per detection."""
     keep = instances[instances.scores >= score_threshold]
-    boxes, labels, colors = [], [], []
-    for group in near_identical_groups(keep.pred_boxes, keep.scores):
-        boxes.append(keep.pred_boxes.tensor[group[0]].tolist())
-        labels.append("\n".join(f"{keep.pred_phrases[i]} {float(keep.scores[i]):.2f}" for i in group))
-        colors.append(category_color(int(keep.pred_classes[group[0]])))
+    groups = near_identical_groups(keep.pred_boxes, keep.scores)
+    boxes = [keep.pred_boxes.tensor[group[0]].tolist() for group in groups]
+    labels = ["\n".join(f"{keep.pred_phrases[i]} {float(keep.scores[i]):.2f}" for i in group) for group in groups]
+    colors = [category_color(int(keep.pred_classes[group[0]])) for group in groups]
+    masks = [keep.pred_masks[group[0]].cpu().numpy() for group in groups] if keep.has("pred_masks") else None
     scale = max(1.0, MIN_PICTURE_SIDE / max(image_bgr.shape[:2]))
     visualizer = LabelFittingVisualizer(image_bgr[:, :, ::-1], scale=scale)
-    drawn = visualizer.overlay_instances(boxes=np.asarray(boxes).reshape(-1, 4), labels=labels,
+    drawn = visualizer.overlay_instances(boxes=np.asarray(boxes).reshape(-1, 4), labels=labels, masks=masks,
                                          assigned_colors=colors)
     return drawn.get_image()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Ground a prompt in images: draw the boxes with Detectron2's Visualizer and write a JSON.
+"""Ground a prompt in images: draw the boxes (and masks) with Detectron2's Visualizer and write a JSON.
 
 Examples:
   python tools/demo.py --config-file configs/glipv2_T.yaml --input photo.jpg \
@@ -11,6 +11,16 @@ Input a.jpg is drawn to <output>/a.jpg.png with its detections in <output>/a.jpg
 a.png.png, so inputs sharing a stem never share outputs; equal file names from different folders get
 -2, -3, ...). --output may not be a folder that holds an input, so originals are never overwritten.
 An input that cannot be read is reported and skipped; the exit code is then 1 once the rest is done.
+
+Each JSON is {"image": path or name, "prompt": categories or caption, "detections": [...]}, one
+detection per box:
+  "box_xyxy"  [x0, y0, x1, y1] in the input image's pixels
+  "score"     the box's score (mean probability of its label's tokens)
+  "label"     index of its category in the prompt, or of its phrase in the caption
+  "phrase"    that category name or phrase
+  "mask_rle"  only for models that segment (MODEL.MASK_ON): the box's mask at the input image's
+              size as COCO RLE, {"size": [height, width], "counts": str}; decode it with
+              pycocotools.mask.decode({"size": size, "counts": counts.encode()})
 """
 
 # ruff: noqa: E402  (the warning filters below must precede the imports that warn)
@@ -27,6 +37,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
@@ -128,14 +139,25 @@ def split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",")] if text else None
 
 
+def mask_to_rle(mask: np.ndarray | torch.Tensor) -> dict:
+    """A boolean (H, W) mask as COCO RLE with str counts, so that it can be written as JSON."""
+    rle = mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def detections_to_json(instances: Instances) -> list[dict]:
-    return [
+    """The "detections" of the demo's JSON (module doc); "mask_rle" only when there are pred_masks."""
+    detections = [
         {"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "phrase": str(phrase)}
         for box, score, label, phrase in zip(
             instances.pred_boxes.tensor.tolist(), instances.scores.tolist(),
             instances.pred_classes.tolist(), instances.pred_phrases,
         )
     ]
+    if instances.has("pred_masks"):
+        for detection, mask in zip(detections, instances.pred_masks.cpu()):
+            detection["mask_rle"] = mask_to_rle(mask)
+    return detections
 
 
 def main(argv: list[str] | None = None) -> int:
