@@ -1,16 +1,21 @@
 """Bad data is refused where it enters, with an error naming it, or counted in one warning; never
-trained on silently (issue 10: COCO jsons, image arrays, prompts and vocabularies)."""
+trained on silently (issue 10: COCO jsons, image arrays, prompts and vocabularies; issue 11: masks)."""
 
 import json
 import logging
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 from detectron2.data import DatasetCatalog
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+from detectron2.utils import logger as detectron2_logger
 
 from glipv2_d2.data.datasets import load_grounding_coco_json, register_grounding_coco, unregister_dataset
+from glipv2_d2.data.datasets.annotation_checks import mask_drop_reason
 from glipv2_d2.data.image_io import array_to_bgr, read_image
-from glipv2_d2.data.mappers import DetectionGroundingMapper
+from glipv2_d2.data.mappers import DetectionGroundingMapper, transformed_instances
 from glipv2_d2.data.prompt_builder import PromptBuilder
 from glipv2_d2.data.prompts import locate_phrases
 from glipv2_d2.engine.predictor import GLIPv2Predictor
@@ -96,6 +101,79 @@ def test_registered_custom_json_is_validated_when_loaded(tmp_path):
             DatasetCatalog.get("test_input_validation_custom")
     finally:
         unregister_dataset("test_input_validation_custom")
+
+
+# --- masks (issue 11) ----------------------------------------------------------------------------
+
+
+SQUARE = [5.0, 5.0, 15.0, 5.0, 15.0, 15.0, 5.0, 15.0]
+
+
+def test_masks_that_draw_nothing_are_removed_boxes_kept_with_one_named_warning(tmp_path, caplog):
+    content = _coco(
+        [
+            {"image_id": 7, "bbox": [5, 5, 10, 10], "segmentation": [SQUARE], "id": 1},  # kept
+            {"image_id": 7, "bbox": [5, 5, 10, 10], "segmentation": [], "id": 2},
+            {"image_id": 8, "bbox": [5, 5, 10, 10], "segmentation": [[70, 1, 80, 1, 80, 9]], "id": 3},  # x > 60
+            {"image_id": 8, "bbox": [5, 5, 10, 10], "segmentation": [[1, 1, 9, 1], SQUARE], "id": 4},  # 2-point part
+        ]
+    )
+    with caplog.at_level(logging.WARNING, logger="glipv2_d2.data.datasets.coco_lvis"):
+        dicts = _load(tmp_path, content)
+    annotations = [a for d in dicts for a in d["annotations"]]
+    assert [a["bbox"] for a in annotations] == [[5, 5, 10, 10]] * 4
+    assert [a.get("segmentation") for a in annotations] == [[SQUARE], None, None, [SQUARE]]
+    (warning,) = [r.getMessage() for r in caplog.records if "masks" in r.getMessage()]
+    assert "custom.json: removed the masks of 2 annotations (their boxes kept)" in warning
+    assert "1 with an empty polygon list" in warning and "1 with polygons entirely outside the image" in warning
+    assert "the first is" in warning and "image 7 (" in warning and "a.jpg), annotation id 2" in warning
+
+
+def test_rle_of_another_size_is_an_error_naming_image_and_annotation(tmp_path):
+    rle = {"size": [30, 60], "counts": [0, 1800]}  # uncompressed RLE of a 30x60 mask on a 40x60 image
+    content = _coco([{"image_id": 7, "bbox": [1, 1, 5, 5], "segmentation": rle, "id": 5, "iscrowd": 1}])
+    with pytest.raises(ValueError, match=r"image 7 \(.*a\.jpg\), annotation id 5: RLE 'segmentation' of size 30x60"):
+        _load(tmp_path, content)
+
+
+def test_rle_of_the_image_size_is_kept(tmp_path):
+    rle = {"size": [40, 60], "counts": [0, 2400]}
+    content = _coco([{"image_id": 7, "bbox": [1, 1, 5, 5], "segmentation": rle, "iscrowd": 1}])
+    (anno,) = [a for d in _load(tmp_path, content) for a in d["annotations"]]
+    assert list(anno["segmentation"]["size"]) == [40, 60]
+
+
+def test_malformed_polygon_is_an_error_naming_the_annotation():
+    anno = {"bbox": [1, 1, 5, 5], "segmentation": [["a", "b", "c", "d", "e", "f"]]}
+    with pytest.raises(ValueError, match="annotation X: a polygon must be a flat list of numbers"):
+        mask_drop_reason(anno, 40, 60, "annotation X")
+
+
+def _box_annotation(segmentation=None) -> dict:
+    anno = {"bbox": [5, 5, 10, 10], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0}
+    if segmentation is not None:
+        anno["segmentation"] = segmentation
+    return anno
+
+
+def test_image_mixing_boxes_with_and_without_masks_trains_boxes_only_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(detectron2_logger, "_LOG_TIMER", {})  # the warning is rate-limited per call site
+    annotations = [_box_annotation([SQUARE]), _box_annotation()]
+    with caplog.at_level(logging.WARNING, logger="glipv2_d2.data.mappers"):
+        mixed = transformed_instances(annotations, T.TransformList([]), (40, 60), True, "polygon", "b.jpg (image 8)")
+    assert len(mixed) == 2 and not mixed.has("gt_masks")
+    assert any("b.jpg (image 8): 1 of 2 boxes have no mask" in r.getMessage() for r in caplog.records)
+
+    whole = transformed_instances([_box_annotation([SQUARE])] * 2, T.TransformList([]), (40, 60), True, "polygon")
+    assert whole.gt_masks.polygons[1][0].tolist() == SQUARE
+
+
+def test_rle_masks_with_polygon_mask_format_name_the_key_to_change():
+    rle = mask_util.encode(np.ones((40, 60), dtype=np.uint8, order="F"))  # as Detectron2's loader leaves RLE
+    with pytest.raises(ValueError, match=r"c\.jpg: RLE masks need INPUT\.MASK_FORMAT 'bitmask'"):
+        transformed_instances([_box_annotation(rle)], T.TransformList([]), (40, 60), True, "polygon", "c.jpg")
+    bitmask = transformed_instances([_box_annotation(rle)], T.TransformList([]), (40, 60), True, "bitmask")
+    assert bitmask.gt_masks.tensor.shape == (1, 40, 60) and bool(bitmask.gt_masks.tensor.all())
 
 
 # --- images -------------------------------------------------------------------------------------

@@ -171,10 +171,11 @@ class GroundingMapper:
         transforms: T.TransformList,
         image_hw: tuple[int, int],
         positive_map: torch.Tensor,
+        where: str,
     ) -> Instances:
         """Transformed, clipped boxes with their positive-map rows; empty boxes removed with their rows."""
         instances = transformed_instances(
-            annotations, transforms, image_hw, self.use_instance_mask, self.instance_mask_format
+            annotations, transforms, image_hw, self.use_instance_mask, self.instance_mask_format, where
         )
         instances.positive_map = positive_map
         return utils.filter_empty_instances(instances)
@@ -211,7 +212,7 @@ class GroundingMapper:
             caption, {row: visible[i] for row, i in enumerate(kept)}, tokenized=tokenized
         )
         positive_map = token_map_to_positive_map(prompt.label_to_tokens, list(range(len(kept))), len(prompt)).bool()
-        return prompt, self._instances([annotations[i] for i in kept], transforms, image_hw, positive_map)
+        return prompt, self._instances([annotations[i] for i in kept], transforms, image_hw, positive_map, where)
 
     def _phrase_prompt(
         self, dataset_dict: dict, original_caption: str, move: PositionMap | None, tokenized: BatchEncoding

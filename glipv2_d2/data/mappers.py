@@ -104,16 +104,41 @@ def read_and_augment(
     return aug_input.image, transforms
 
 
+def _keeps_masks(annotations: list[dict], use_instance_mask: bool, mask_format: str, where: str) -> bool:
+    """Whether the image's Instances get gt_masks: only when every box has a mask, since Instances
+    cannot hold a field for some boxes only. An image whose annotations mix boxes with and without
+    masks trains its boxes and no mask (a warning names it; the loaders already counted why masks
+    were removed); an image with no mask at all (detection-only data) is normal and stays quiet."""
+    if not use_instance_mask:
+        return False
+    with_mask = sum("segmentation" in obj for obj in annotations)
+    if with_mask < len(annotations):
+        if with_mask:
+            log_every_n_seconds(
+                logging.WARNING,
+                f"{where}: {len(annotations) - with_mask} of {len(annotations)} boxes have no mask; "
+                "the image trains its boxes without masks",
+                n=30,
+                name=__name__,
+            )
+        return False
+    if mask_format == "polygon" and any(isinstance(obj["segmentation"], dict) for obj in annotations):
+        raise ValueError(f"{where}: RLE masks need INPUT.MASK_FORMAT 'bitmask' (polygon masks cannot hold them)")
+    return True
+
+
 def transformed_instances(
     annotations: list[dict],
     transforms: T.TransformList,
     image_hw: tuple[int, int],
     use_instance_mask: bool,
     mask_format: str,
+    where: str = "an image",
 ) -> Instances:
-    """Transformed, clipped boxes (and masks when every box has one: Instances cannot hold a
-    partial field), in annotation order; the caller filters empty ones after adding its fields."""
-    keep_masks = use_instance_mask and all("segmentation" in obj for obj in annotations)
+    """Transformed, clipped boxes (and masks when every box has one, see ``_keeps_masks``), in
+    annotation order; the caller filters empty ones after adding its fields. ``where`` names the
+    image in warnings and errors."""
+    keep_masks = _keeps_masks(annotations, use_instance_mask, mask_format, where)
     for obj in annotations:
         if not keep_masks:
             obj.pop("segmentation", None)
@@ -227,11 +252,13 @@ class DetectionGroundingMapper:
             )
         return prompt
 
-    def _instances(self, annotations: list[dict], transforms: T.TransformList, image_hw: tuple[int, int]) -> Instances:
+    def _instances(
+        self, annotations: list[dict], transforms: T.TransformList, image_hw: tuple[int, int], where: str
+    ) -> Instances:
         """Transformed, clipped non-crowd boxes; empty ones (e.g. wholly outside the image) removed."""
         annotations = [obj for obj in annotations if obj.get("iscrowd", 0) == 0]
         instances = transformed_instances(
-            annotations, transforms, image_hw, self.use_instance_mask, self.instance_mask_format
+            annotations, transforms, image_hw, self.use_instance_mask, self.instance_mask_format, where
         )
         return utils.filter_empty_instances(instances)
 
@@ -248,7 +275,8 @@ class DetectionGroundingMapper:
             dataset_dict["prompt"] = self._test_prompt
             return dataset_dict
 
-        instances = self._instances(annotations, transforms, image_hw)
+        where = f"{dataset_dict['file_name']} (image {dataset_dict.get('image_id')})"
+        instances = self._instances(annotations, transforms, image_hw, where)
         classes = instances.gt_classes.tolist()
         unknown = sorted(set(classes) - set(self.names))
         if unknown:

@@ -8,7 +8,6 @@ the checks a custom json needs before anything trains on it (unique image ids, s
 
 import json
 import logging
-import math
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ from detectron2.data.datasets.lvis import get_lvis_instances_meta
 from detectron2.utils.file_io import PathManager
 
 from ..prompts import check_spans
+from .annotation_checks import box_drop_reason, mask_drop_reason
 from .catalog import unregister_dataset
 
 __all__ = [
@@ -80,45 +80,44 @@ def _annotation_name(json_file: str, record: dict, anno: dict, index: int) -> st
     return f"{json_file}: image {record['image_id']} ({record['file_name']}), {which}"
 
 
-def _drop_reason(anno: dict, record: dict, where: str) -> str | None:
-    """Why a box cannot be trained on (None when it can); a malformed or negative-size box is an
-    error, since Detectron2 would flip it into a different, valid-looking box."""
-    if "bbox" not in anno:
-        raise ValueError(f"{where}: has no 'bbox' (a 'segmentation' alone is not enough); add its box")
-    box = anno["bbox"]
-    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
-        raise ValueError(f"{where}: 'bbox' must be 4 numbers [x, y, width, height], got {box!r}")
-    x, y, width, height = box
-    if not all(math.isfinite(v) for v in box):
-        return "NaN or infinite coordinates"
-    if width < 0 or height < 0:
-        raise ValueError(f"{where}: 'bbox' {box} has a negative width or height; COCO boxes are [x, y, w, h]")
-    if width == 0 or height == 0:
-        return "zero width or height"
-    if x >= record["width"] or y >= record["height"] or x + width <= 0 or y + height <= 0:
-        return "entirely outside the image"
-    return None
+def _counted(dropped: Counter[str]) -> str:
+    return ", ".join(f"{count} with {reason}" for reason, count in dropped.most_common())
 
 
-def _drop_unusable_boxes(dicts: list[dict], json_file: str) -> None:
-    """Remove boxes no model can learn from, with one warning per file that counts them by reason;
-    the mapper would drop them anyway, but silently."""
-    dropped: Counter[str] = Counter()
+def _drop_unusable_annotations(dicts: list[dict], json_file: str, check_boxes: bool = True) -> None:
+    """Remove boxes no model can learn from and masks that draw nothing, with one warning per file
+    that counts them by reason; the mapper would drop the boxes anyway, but silently, and a mask
+    that draws nothing would become an empty loss target. A mask is removed without its box: the
+    box still trains detection (see ``transformed_instances`` for images left with some masks)."""
+    dropped_boxes: Counter[str] = Counter()
+    dropped_masks: Counter[str] = Counter()
+    first_mask = ""
     total = 0
     for record in dicts:
         kept = []
         for index, anno in enumerate(record["annotations"]):
             total += 1
-            reason = _drop_reason(anno, record, _annotation_name(json_file, record, anno, index))
+            where = _annotation_name(json_file, record, anno, index)
+            reason = box_drop_reason(anno, record, where) if check_boxes else None
             anno.pop("id", None)
-            if reason is None:
-                kept.append(anno)
-            else:
-                dropped[reason] += 1
+            if reason is not None:
+                dropped_boxes[reason] += 1
+                continue
+            mask_reason = mask_drop_reason(anno, record["height"], record["width"], where)
+            if mask_reason is not None:
+                dropped_masks[mask_reason] += 1
+                first_mask = first_mask or where
+            kept.append(anno)
         record["annotations"] = kept
-    if dropped:
-        reasons = ", ".join(f"{count} with {reason}" for reason, count in dropped.most_common())
-        logger.warning("%s: dropped %d of %d boxes: %s", json_file, sum(dropped.values()), total, reasons)
+    if dropped_boxes:
+        logger.warning(
+            "%s: dropped %d of %d boxes: %s", json_file, sum(dropped_boxes.values()), total, _counted(dropped_boxes)
+        )
+    if dropped_masks:
+        logger.warning(
+            "%s: removed the masks of %d annotations (their boxes kept): %s; the first is %s",
+            json_file, sum(dropped_masks.values()), _counted(dropped_masks), first_mask,
+        )
 
 
 def _check_spans(record: dict, json_file: str) -> None:
@@ -141,14 +140,21 @@ def load_grounding_coco_json(
 
     Bad boxes are refused here, at load time, naming file, image and annotation (a missing or
     negative-size "bbox"); boxes without area or outside their image are dropped with one counted
-    warning. The image-level keys and the check that image ids are unique need a second parse of
-    the json (Detectron2's loader discards both), so pass image_keys=() only for large files known
-    to be sound, e.g. the official COCO instances.
+    warning. Masks likewise: an RLE whose size is not the image's is an error; polygons that draw
+    nothing (fewer than 3 points, entirely outside the image) are removed, and an annotation left
+    without polygons (or with an empty list) keeps its box but loses its mask, counted in one
+    warning naming the first. (Detectron2's loader itself drops an annotation, box included, whose
+    every polygon has fewer than 3 points, with its own counted warning.) The image-level keys and
+    the check that image ids are unique need a second parse of the json (Detectron2's loader
+    discards both), so pass image_keys=() only for large files known to be sound, e.g. the
+    official COCO instances.
     """
-    dicts = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=["tokens_positive", "id"])
+    # "segmentation" as an extra key keeps an empty polygon list visible (Detectron2 skips it silently).
+    extra_keys = ["tokens_positive", "id", "segmentation"]
+    dicts = load_coco_json(json_file, image_root, dataset_name, extra_annotation_keys=extra_keys)
     image_keys = tuple(image_keys)
     fields = _image_fields(json_file, image_keys) if image_keys else {}
-    _drop_unusable_boxes(dicts, json_file)
+    _drop_unusable_annotations(dicts, json_file)
     for record in dicts:
         record["task"] = task
         record.update(fields.get(record["image_id"], {}))
@@ -194,10 +200,12 @@ def register_grounding_coco(
 
 
 def _register_lvis(name: str, json_file: str, image_root: str) -> None:
-    """Detectron2's LVIS loader and v1 metadata (LVISEvaluator), plus the task."""
+    """Detectron2's LVIS loader and v1 metadata (LVISEvaluator), plus the task; masks are checked
+    as in load_grounding_coco_json (the official boxes are left as Detectron2 loads them)."""
 
     def load() -> list[dict]:
-        dicts = load_lvis_json(json_file, image_root, name)
+        dicts = load_lvis_json(json_file, image_root, name, extra_annotation_keys=["id"])
+        _drop_unusable_annotations(dicts, json_file, check_boxes=False)
         for record in dicts:
             record["task"] = "detection"
         return dicts
