@@ -168,6 +168,7 @@ def add_glipv2_config(cfg: CN) -> CN:
 
     cfg.TEST.PROMPT_CHUNK_SIZE = 0  # categories per prompt at evaluation (0: as many as fit)
     cfg.TEST.LVIS_FIXED_AP = False  # LVIS "fixed AP": top 10,000 detections per category over the split
+    cfg.TEST.REFERRING_SCORE_THRESHOLD = 0.5  # referring masks: union of a phrase's detections scoring >= this
 
     cfg.MODEL.ATSS.REG_LOSS_WEIGHT = 2.0  # weight of the GIoU box loss
     cfg.MODEL.ATSS.FOCAL_ALPHA = 0.25  # alpha of the token sigmoid focal loss

@@ -2,6 +2,7 @@
 exact resume, and evaluation of detection sets (vocabulary prompts) and grounding sets (own captions)."""
 
 import logging
+import os
 import random
 import weakref
 
@@ -18,7 +19,7 @@ from detectron2.engine import (
     create_ddp_model,
     hooks,
 )
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -34,6 +35,7 @@ from ..evaluation import (
     Flickr30kGroundingEvaluator,
     LVISFixedAPEvaluator,
     NumpyCompatibleLVISEvaluator,
+    PhraseCutEvaluator,
     PromptedDetector,
 )
 from ..utils.seeding import derived_seed
@@ -43,11 +45,14 @@ from .optimization import build_glipv2_optimizer, describe_trainable, freeze_par
 logger = logging.getLogger(__name__)
 
 GROUNDING_EVALUATOR_TYPE = "flickr30k"
+REFERRING_EVALUATOR_TYPE = "phrasecut"
 
 
 def is_grounding_test_set(dataset_name: str) -> bool:
-    """Phrase-grounding test sets are scored per caption (Recall@k), not with a vocabulary prompt."""
-    return MetadataCatalog.get(dataset_name).get("evaluator_type") == GROUNDING_EVALUATOR_TYPE
+    """Phrase-grounding and referring test sets are scored per caption (Recall@k, mask IoU), not
+    with a vocabulary prompt."""
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    return evaluator_type in (GROUNDING_EVALUATOR_TYPE, REFERRING_EVALUATOR_TYPE)
 
 
 class PerIterationSeed(HookBase):
@@ -157,18 +162,40 @@ class GLIPv2Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
         """COCO AP; for LVIS-type sets LVIS AP (fixed AP when cfg.TEST.LVIS_FIXED_AP); for Flickr30K-type
         sets phrase-grounding Recall@k, on merged boxes when the metadata's "gt_type" is "merged" (as
-        the glipv2_flickr30k_merged_* registrations say) and on any single box otherwise."""
+        the glipv2_flickr30k_merged_* registrations say) and on any single box otherwise; for
+        PhraseCut-type sets see build_referring_evaluator. With MODEL.MASK_ON, AP is also mask AP."""
         metadata = MetadataCatalog.get(dataset_name)
         evaluator_type = metadata.get("evaluator_type", "coco")
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         if evaluator_type == GROUNDING_EVALUATOR_TYPE:
             return Flickr30kGroundingEvaluator(merge_boxes=metadata.get("gt_type") == "merged")
+        if evaluator_type == REFERRING_EVALUATOR_TYPE:
+            return cls.build_referring_evaluator(cfg, dataset_name, output_folder)
         if evaluator_type == "lvis" and cfg.TEST.LVIS_FIXED_AP:
-            return LVISFixedAPEvaluator(dataset_name, output_dir=output_folder)
+            return LVISFixedAPEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
         if evaluator_type == "lvis":
-            return NumpyCompatibleLVISEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder,
+            return NumpyCompatibleLVISEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
                                                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
-        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder,
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
                              max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+    @classmethod
+    def build_referring_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None
+    ) -> DatasetEvaluator:
+        """PhraseCut's metrics on the predicted masks (with MODEL.MASK_ON) and on filled boxes (the
+        trivial baseline), per phrase from the detections scoring >= TEST.REFERRING_SCORE_THRESHOLD,
+        plus COCO box (and mask) AP of the phrases' instances, whose ground truth COCOEvaluator
+        converts from the records into `output_folder` (default OUTPUT_DIR/inference/<name>)."""
+        threshold = cfg.TEST.REFERRING_SCORE_THRESHOLD
+        evaluators: list[DatasetEvaluator] = [PhraseCutEvaluator(threshold, use_boxes=True)]
+        if cfg.MODEL.MASK_ON:
+            evaluators.insert(0, PhraseCutEvaluator(threshold))
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        evaluators.append(COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
+                                        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE))
+        return DatasetEvaluators(evaluators)
 
     @classmethod
     def test(cls, cfg: CfgNode, model: nn.Module, evaluators=None):

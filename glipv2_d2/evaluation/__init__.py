@@ -7,12 +7,14 @@ from .lvis_fixed_ap import (
     keep_top_per_category,
     lvis_numpy_float_alias,
 )
+from .phrasecut import PhraseCutEvaluator
 from .prompted_inference import PromptedDetector
 
 __all__ = [
     "Flickr30kGroundingEvaluator",
     "LVISFixedAPEvaluator",
     "NumpyCompatibleLVISEvaluator",
+    "PhraseCutEvaluator",
     "PromptedDetector",
     "keep_top_per_category",
     "lvis_numpy_float_alias",

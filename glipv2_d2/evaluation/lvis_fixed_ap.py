@@ -5,6 +5,12 @@ Standard LVIS AP keeps the 300 best detections of each image, so a detector's AP
 spreads that budget over 1203 categories (and improves by merely reshuffling scores across
 categories). Fixed AP drops the per-image cap and keeps instead the 10,000 best detections of each
 category over the whole split, then runs the usual LVIS evaluation with no per-image limit.
+
+The protocol covers masks as well as boxes: the authors' reference script
+(achalddave/large-vocab-devil, scripts/evaluate_ap_fixed.py) evaluates "segm" by default and
+"bbox" on request, with the same per-category cut. LVISFixedAPEvaluator does both, as its tasks say
+(the trainer passes ("bbox", "segm") with MODEL.MASK_ON): the cut keeps whole detections, so a
+mask is kept exactly when its box is.
 """
 
 import types

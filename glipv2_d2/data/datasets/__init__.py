@@ -2,8 +2,9 @@
 
 Registered lazily (nothing is read until DatasetCatalog.get) under the root $DETECTRON2_DATASETS
 (default "datasets"): glipv2_coco_2017_{train,val}, glipv2_lvis_v1_{train,val} (+ minival when
-present), glipv2_objects365_train, and the MDETR-format sets whose files exist
-(glipv2_flickr30k_{train,val,test}, glipv2_flickr30k_merged_*, glipv2_goldg_train, glipv2_cap4m_train).
+present), glipv2_objects365_train, the MDETR-format sets whose files exist
+(glipv2_flickr30k_{train,val,test}, glipv2_flickr30k_merged_*, glipv2_goldg_train, glipv2_cap4m_train)
+and the PhraseCut splits whose refer files exist (glipv2_phrasecut_{train,val,test,miniv}).
 """
 
 import os
@@ -17,17 +18,21 @@ from .coco_lvis import (
     register_grounding_coco,
 )
 from .mdetr import load_mdetr_json, register_mdetr_datasets, register_mdetr_grounding
+from .phrasecut import load_phrasecut_json, register_phrasecut, register_phrasecut_datasets
 
 __all__ = [
     "coco_category_metadata",
     "datasets_root",
     "load_grounding_coco_json",
     "load_mdetr_json",
+    "load_phrasecut_json",
     "register_all_glipv2_datasets",
     "register_coco_and_lvis",
     "register_grounding_coco",
     "register_mdetr_datasets",
     "register_mdetr_grounding",
+    "register_phrasecut",
+    "register_phrasecut_datasets",
     "unregister_dataset",
 ]
 
@@ -38,6 +43,7 @@ def register_all_glipv2_datasets(root: str | os.PathLike | None = None) -> None:
     root = str(root) if root is not None else datasets_root()
     register_coco_and_lvis(root)
     register_mdetr_datasets(root)
+    register_phrasecut_datasets(root)
 
 
 register_all_glipv2_datasets()
