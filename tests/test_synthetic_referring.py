@@ -116,7 +116,11 @@ def test_records_follow_the_phrasecut_format_and_are_deterministic(scenes):
     assert len({r["image_id"] for r in records}) == len(records) and len(records) <= 2 * len(scenes)
     for record in records:
         whole = [[0, len(record["caption"])]]
-        assert record["phrases"] == [{"phrase_id": 0, "tokens_positive": whole}]
+        phrase_type = "relation" if any(f" {r} " in record["caption"] for r in RELATIONS) else "attribute"
+        assert record["phrases"] == [
+            {"phrase_id": 0, "tokens_positive": whole, "phrase_type": phrase_type, "phrase_types": [phrase_type]}
+        ]
+        assert all(a["category_id"] == 0 for a in record["annotations"])
         assert record["annotations"] and all(a["tokens_positive"] == whole for a in record["annotations"])
         assert all(a["segmentation"] and a["iscrowd"] == 0 for a in record["annotations"])
 
@@ -145,6 +149,7 @@ def test_registration_is_lazy_and_names_the_phrasecut_evaluator(tmp_path):
         register_synthetic_referring(root, seed=0, **COUNTS)
         assert not root.exists()
         assert MetadataCatalog.get(names[1]).evaluator_type == "phrasecut"
+        assert MetadataCatalog.get(names[1]).thing_classes == ["object"]
         records = DatasetCatalog.get(names[1])
         assert 12 <= len(records) <= 24 and records[0]["file_name"].startswith(str(root / "val"))
     finally:

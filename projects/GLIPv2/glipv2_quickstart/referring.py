@@ -2,8 +2,9 @@
 
 Each record is one phrase about one scene of the train or val split ("the red circle", "the blue
 squares", "the red circle left of the square") and its targets are every object the phrase refers
-to, in the PhraseCut loader's format: caption = the phrase, annotations = the referred objects with
-box and polygon mask, one span over the whole phrase. No new images are drawn.
+to, in the PhraseCut loader's format (glipv2_d2/data/datasets/phrasecut.py): caption = the phrase,
+annotations = the referred objects with box and polygon mask (category 0, "object"), one span over
+the whole phrase. No new images are drawn.
 
 Relations are read off the drawn geometry with a margin, so that every phrase is true and exact:
 A is "left of" B when A's box ends before B's begins, and clearly not when A's centre is right of
@@ -24,7 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from glipv2_d2.data.datasets import load_grounding_coco_json, unregister_dataset
 
 from .scene_text import plural
-from .shapes import ALL_PAIRS, SYNTHETIC_CATEGORIES, default_synthetic_root, generate_synthetic_shapes
+from .shapes import ALL_PAIRS, default_synthetic_root, generate_synthetic_shapes
 
 __all__ = [
     "REFERRING_EVALUATOR_TYPE",
@@ -163,12 +164,19 @@ def _referring_annotation(anno: dict, phrase: str) -> dict:
     return {
         "bbox": [float(v) for v in anno["bbox"]],
         "bbox_mode": anno["bbox_mode"],
-        "category_id": anno["category_id"] - 1,
+        "category_id": 0,
         "iscrowd": 0,
         "segmentation": anno["segmentation"],
         "tokens_positive": span,
         "phrase_ids": [0],
     }
+
+
+def _phrase_entry(phrase: str, relational: bool) -> dict:
+    """The one evaluated phrase; its PhraseCut type is "relation" or "attribute" (the colour)."""
+    phrase_type = "relation" if relational else "attribute"
+    return {"phrase_id": 0, "tokens_positive": [[0, len(phrase)]], "phrase_type": phrase_type,
+            "phrase_types": [phrase_type]}
 
 
 def referring_records(detection_records: list[dict], seed: int = 0, per_image: int = 2) -> list[dict]:
@@ -190,7 +198,7 @@ def referring_records(detection_records: list[dict], seed: int = 0, per_image: i
                 "weak": False,
                 "caption": phrase,
                 "annotations": [_referring_annotation(record["annotations"][i], phrase) for i in expression.targets],
-                "phrases": [{"phrase_id": 0, "tokens_positive": [[0, len(phrase)]]}],
+                "phrases": [_phrase_entry(phrase, expression.relational)],
             })
     return records
 
@@ -206,11 +214,7 @@ def register_synthetic_referring(
     """Register glipv2_synthetic_referring_{train,val}: up to `per_image` phrases per scene of the
     train / val split, evaluated with the PhraseCut metrics. The scenes are generated on first use."""
     root = Path(root if root is not None else default_synthetic_root()).absolute()
-    metadata = {
-        "thing_classes": [c["name"] for c in SYNTHETIC_CATEGORIES],
-        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES)},
-        "evaluator_type": REFERRING_EVALUATOR_TYPE,
-    }
+    metadata = {"thing_classes": ["object"], "evaluator_type": REFERRING_EVALUATOR_TYPE}
     for split in REFERRING_SPLITS:
         name = f"glipv2_synthetic_referring_{split}"
 
