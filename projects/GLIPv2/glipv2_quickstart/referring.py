@@ -23,12 +23,12 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from glipv2_d2.data.datasets import load_grounding_coco_json, unregister_dataset
+from glipv2_d2.data.datasets.phrasecut import PHRASECUT_EVALUATOR_TYPE
 
 from .scene_text import plural
 from .shapes import ALL_PAIRS, default_synthetic_root, generate_synthetic_shapes
 
 __all__ = [
-    "REFERRING_EVALUATOR_TYPE",
     "RELATIONS",
     "ReferringExpression",
     "ShapeInScene",
@@ -40,7 +40,6 @@ __all__ = [
 
 RELATIONS = ("left of", "right of", "above", "below")
 REFERRING_SPLITS = ("train", "val")
-REFERRING_EVALUATOR_TYPE = "phrasecut"
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 Description = tuple[str, ...]  # (colour, shape) or (shape,)
@@ -214,7 +213,7 @@ def register_synthetic_referring(
     """Register glipv2_synthetic_referring_{train,val}: up to `per_image` phrases per scene of the
     train / val split, evaluated with the PhraseCut metrics. The scenes are generated on first use."""
     root = Path(root if root is not None else default_synthetic_root()).absolute()
-    metadata = {"thing_classes": ["object"], "evaluator_type": REFERRING_EVALUATOR_TYPE}
+    metadata = {"thing_classes": ["object"], "evaluator_type": PHRASECUT_EVALUATOR_TYPE}
     for split in REFERRING_SPLITS:
         name = f"glipv2_synthetic_referring_{split}"
 
