@@ -31,7 +31,7 @@ OFFICIAL_PREFIX_RULES: tuple[tuple[str, str], ...] = (
     (r"^rpn\.loss_evaluator\.shallow_contrastive_projection_image\.", "inter_image_loss.image_projection."),
     (r"^rpn\.loss_evaluator\.shallow_contrastive_projection_text\.", "inter_image_loss.text_projection."),
     (r"^rpn\.loss_evaluator\.shallow_log_scale$", "inter_image_loss.log_scale"),
-    (r"^roi_heads\.mask\.", "mask_head."),
+    (r"^roi_heads\.mask\.", "task_heads.MaskHead."),
 )
 
 # Sub-modules of one official VL-DyHead layer, in tower order (index modulo 3); the fusion block's

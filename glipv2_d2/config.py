@@ -176,6 +176,20 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.ATSS.TOKEN_LOSS_WEIGHT = 1.0  # weight of the region-word focal loss (L_intra)
     cfg.MODEL.ATSS.CENTERNESS_LOSS_WEIGHT = 1.0  # weight of the centerness BCE
 
+    # Train-mode ATSS proposals the mask head learns on (official box_selector_train), GT boxes appended.
+    cfg.MODEL.ATSS.INFERENCE_TH_TRAIN = 0.0  # keep (anchor, GT phrase) pairs scoring above this
+    cfg.MODEL.ATSS.PRE_NMS_TOP_N_TRAIN = 3000  # candidates kept per level before NMS
+    cfg.MODEL.ATSS.POST_NMS_TOP_N_TRAIN = 1000  # proposals kept per image after NMS
+
+    # GLIP's language-guided mask head (MODEL.MASK_ON with "MaskHead" in MODEL.GLIPV2.TASK_HEADS). Its
+    # pooler reads Detectron2's POOLER_RESOLUTION / POOLER_SAMPLING_RATIO and always samples as GLIP's
+    # (ROIAlign aligned=False, GLIP's level rule), so POOLER_TYPE is not read; masks are
+    # 2 x POOLER_RESOLUTION (28) pixels square and matched by MODEL.ROI_HEADS.IOU_THRESHOLDS in training.
+    cfg.MODEL.ROI_MASK_HEAD.CONV_LAYERS = [256, 256, 256, 256]  # width of each hourglass block (GLIPv2-T/B: [256])
+    cfg.MODEL.ROI_MASK_HEAD.HG_SCALE = 1  # hourglass depth, halvings of the pooled box (GLIPv2-H: 2)
+    cfg.MODEL.ROI_MASK_HEAD.USE_FUSED_FEATURES = False  # pool fused maps (official RETURN_FUSED_FEATURES), else FPN's
+    cfg.MODEL.ROI_MASK_HEAD.PASTE_THRESHOLD = 0.5  # a pasted pixel is foreground above this mask probability
+
     cfg.DATASETS.MAX_NEGATIVE_CATEGORIES = 85  # negative categories sampled into a training prompt
     cfg.DATASETS.SEPARATOR = ". "  # between category names of a detection prompt
     cfg.DATASETS.FULL_NEGATIVES_PROB = 0.5  # chance a prompt gets all MAX_NEGATIVE_CATEGORIES (else 1..max)

@@ -1,6 +1,9 @@
-"""Model components; importing registers the backbone, text encoder and meta-architecture."""
+"""Model components; importing registers the backbone, text encoder, meta-architecture and task heads."""
 
-from . import backbone  # noqa: F401  (registers build_swin_fpn_p6p7_backbone)
+from . import (
+    backbone,  # noqa: F401  (registers build_swin_fpn_p6p7_backbone)
+    mask_head,  # noqa: F401  (registers the MaskHead task head)
+)
 from .language import LANGUAGE_BACKBONE_REGISTRY  # noqa: F401
 from .meta_arch import GLIPv2
 

@@ -286,7 +286,8 @@ class GLIPv2(nn.Module):
         outputs: NetworkOutputs,
         rescale: bool = True,
     ) -> list[dict]:
-        """Network outputs -> output dicts: ATSS decoding, NMS, the task heads, rescaling."""
+        """Network outputs -> output dicts: ATSS decoding, NMS, the task heads, rescaling, then each
+        head's ``finish_instances`` (masks pasted at the output size)."""
         anchors = self.anchor_generator(outputs.features)
         detections = self.post_processor(
             outputs.bbox_reg, outputs.centerness, outputs.logits, anchors, images.image_sizes,
@@ -298,11 +299,12 @@ class GLIPv2(nn.Module):
             for task_head in self.task_heads.values():
                 for result, extra in zip(results, task_head(head_inputs), strict=True):
                     result.update(extra)
-        if not rescale:
-            return results
         for result, x, size in zip(results, batched_inputs, images.image_sizes):
-            height, width = x.get("height", size[0]), x.get("width", size[1])
-            result["instances"] = rescale_instances(result["instances"], height, width)
+            if rescale:
+                height, width = x.get("height", size[0]), x.get("width", size[1])
+                result["instances"] = rescale_instances(result["instances"], height, width)
+            for task_head in self.task_heads.values():
+                result["instances"] = task_head.finish_instances(result["instances"])
         return results
 
 

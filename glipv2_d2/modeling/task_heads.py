@@ -5,7 +5,8 @@ A head sees what the model computed for the batch (``TaskHeadInputs``): the imag
 after fusion, the fused text, the prompts, the anchors and raw region-word predictions, the input
 dicts (for its ground truth), and at inference the detections. In training it returns a dict of
 losses; at inference a dict of extra outputs per image, and it may add fields to the detections
-(they are still in the network input's pixels; the model rescales boxes afterwards).
+(they are still in the network input's pixels; the model rescales boxes afterwards, then lets each
+head finish the fields that depend on the output size: ``finish_instances``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ class GroundedTaskHead(nn.Module):
         ``inputs.detections``."""
         raise NotImplementedError
 
+    def finish_instances(self, instances: Instances) -> Instances:
+        """One image's final detections, once their boxes are at the output size (or the network
+        input's without rescaling): turn fields that depend on that size into it (masks pasted
+        into the image). Unchanged by default."""
+        return instances
+
     def forward(self, inputs: TaskHeadInputs) -> dict[str, Tensor] | list[dict]:
         return self.losses(inputs) if self.training else self.inference(inputs)
 
@@ -84,6 +91,8 @@ def build_task_heads(cfg: CfgNode, input_shape: Sequence[ShapeSpec], text_dim: i
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"MODEL.GLIPV2.TASK_HEADS names {repeated} more than once")
+    if cfg.MODEL.MASK_ON and "MaskHead" not in names:
+        raise ValueError("MODEL.MASK_ON is True but MODEL.GLIPV2.TASK_HEADS does not name MaskHead: add it")
     heads = nn.ModuleDict()
     for name in names:
         head = TASK_HEAD_REGISTRY.get(name)(cfg, input_shape, text_dim)
