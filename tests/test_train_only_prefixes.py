@@ -4,6 +4,7 @@ after a few steps every parameter and buffer outside the trained prefix is bit-f
 import pytest
 import torch
 from detectron2.modeling import build_model
+from detectron2.structures import BitMasks
 from torch import nn
 
 from glipv2_d2.engine.optimization import build_glipv2_optimizer, describe_trainable, freeze_parameters
@@ -107,3 +108,39 @@ def test_a_prefix_also_frozen_is_a_conflict_naming_both_keys(train_only, key, va
     cfg.merge_from_list([key, value])
     with pytest.raises(ValueError, match=rf"entry '{train_only}' trains '.+', which {key}"):
         freeze_parameters(cfg, build_model(cfg))
+
+
+def _with_rectangle_masks(batch: list[dict]) -> list[dict]:
+    """tiny_batch's scenes are filled rectangles, so each box is its own exact mask."""
+    for x in batch:
+        instances = x["instances"]
+        masks = torch.zeros(len(instances), *x["image"].shape[1:], dtype=torch.bool)
+        for mask, (x0, y0, x1, y1) in zip(masks, instances.gt_boxes.tensor.int().tolist()):
+            mask[y0:y1, x0:x1] = True
+        instances.gt_masks = BitMasks(masks)
+    return batch
+
+
+def test_the_mask_stage_trains_the_mask_head_alone():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.GLIPV2.TASK_HEADS = ["MaskHead"]
+    cfg.MODEL.ROI_MASK_HEAD.CONV_LAYERS = [64]
+    cfg.SOLVER.TRAIN_ONLY_PREFIXES = ["task_heads.MaskHead."]
+    model = build_model(cfg)
+    freeze_parameters(cfg, model)
+    head = {f"task_heads.MaskHead.{name}" for name, _ in model.task_heads["MaskHead"].named_parameters()}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == head
+    before = _snapshot(model)
+    optimizer = build_glipv2_optimizer(cfg, model)
+    model.train()
+    batch = _with_rectangle_masks(tiny_batch(model))
+    for _ in range(2):
+        losses = model(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert losses["loss_mask"] > 0
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(before[name], value)}
+    assert changed == head
