@@ -10,6 +10,8 @@ from collections.abc import Callable
 from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import GLIPv2Checkpointer
 from ..config import check_device_available, setup_cfg
@@ -66,6 +68,8 @@ def setup(args: argparse.Namespace, register_datasets: DatasetRegistration | Non
     cfg = setup_cfg(args.config_file, args.opts)
     check_device_available(cfg)
     default_setup(cfg, args)
+    # default_setup logs only Detectron2's and fvcore's messages; the project's go to the same log.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="glipv2_d2", abbrev_name="glipv2")
     register_all_glipv2_datasets()
     if register_datasets is not None:
         register_datasets()
