@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine (see README.md):
 #   make quickstart - install into .venv, generate the synthetic data, train the small model on the
-#                     CPU, evaluate it with COCOEvaluator and draw predictions on val images
+#                     CPU, evaluate it with COCOEvaluator and draw predictions on val images; then
+#                     train its mask head with the detector frozen (configs/quickstart/mask.yaml),
+#                     evaluate masks (COCO segm AP, PhraseCut metrics) and draw them
 #   make demo   - install into .venv, then draw the quick-start model's boxes on synthetic val images
 #                 (once make quickstart has trained it; untrained weights on a photo before)
 #   make test   - install into .venv, then run the test suite
@@ -28,6 +30,11 @@ quickstart: $(STAMP)
 		--categories-json datasets/glipv2_synthetic/annotations/val.json --input datasets/glipv2_synthetic/val \
 		--max-images 4 --output output/quickstart/demo --score-threshold 0.45 \
 		MODEL.WEIGHTS output/quickstart/model_final.pth
+	$(PY) projects/GLIPv2/train_net.py --config-file configs/quickstart/mask.yaml
+	$(PY) tools/demo.py --config-file configs/quickstart/mask.yaml \
+		--categories-json datasets/glipv2_synthetic/annotations/val.json --input datasets/glipv2_synthetic/val \
+		--max-images 4 --output output/quickstart_mask/demo --score-threshold 0.45 \
+		MODEL.WEIGHTS output/quickstart_mask/model_final.pth
 
 demo: $(STAMP)
 	@if [ -f output/quickstart/model_final.pth ] && [ -f datasets/glipv2_synthetic/annotations/val.json ]; then \
