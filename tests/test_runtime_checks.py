@@ -50,21 +50,30 @@ def test_merge_leaves_one_chunk_as_the_model_gave_it():
 
 
 class FixedOutputModel(nn.Module):
-    """Answers every prompt (here: a string) with its preset detections, for every image."""
+    """Answers every prompt (here: a string) with its preset detections, for every image, and
+    counts the detections it is asked to finish (as GLIPv2's heads paste masks there)."""
 
     def __init__(self, outputs: dict[str, Instances]):
         super().__init__()
         self.outputs = outputs
+        self.finished: list[int] = []
 
-    def forward(self, batched_inputs: list[dict]) -> list[dict]:
+    def inference(self, batched_inputs: list[dict], finish: bool = True) -> list[dict]:
+        assert not finish, "PromptedDetector finishes detections after the merge"
         return [{"instances": self.outputs[x["prompt"]]} for x in batched_inputs]
+
+    def finish_instances(self, instances: Instances) -> Instances:
+        self.finished.append(len(instances))
+        return instances
 
 
 def test_prompted_detector_caps_merged_chunks_and_fixed_ap_keeps_all():
     outputs = {"a": detections([0.3, 0.6]), "b": detections([0.9, 0.1], first_label=2)}
-    capped = PromptedDetector(FixedOutputModel(outputs), ["a", "b"], max_detections_per_image=2)
+    model = FixedOutputModel(outputs)
+    capped = PromptedDetector(model, ["a", "b"], max_detections_per_image=2)
     result = capped([{"image": None}, {"image": None}])
     assert [r["instances"].scores.tolist() for r in result] == [pytest.approx([0.9, 0.6])] * 2
+    assert model.finished == [2, 2]  # output-size fields are made for the kept detections only
     uncapped = PromptedDetector(FixedOutputModel(outputs), ["a", "b"])([{"image": None}])
     assert len(uncapped[0]["instances"]) == 4
 

@@ -100,12 +100,12 @@ class GLIPv2Predictor:
         per_image: list[list[Instances]] = [[] for _ in images]
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start:start + self.batch_size]
-            outputs = self.model([self._model_input(images[i], prompt) for i, prompt in batch])
+            outputs = self.model.inference([self._model_input(images[i], prompt) for i, prompt in batch], finish=False)
             for (i, _), output in zip(batch, outputs):
                 per_image[i].append(output["instances"].to("cpu"))
         results = []
         for parts, prompts in zip(per_image, prompts_per_image):
-            merged = merge_chunk_detections(parts, self.cfg.TEST.DETECTIONS_PER_IMAGE)
+            merged = self.model.finish_instances(merge_chunk_detections(parts, self.cfg.TEST.DETECTIONS_PER_IMAGE))
             names = {label: name for prompt in prompts for label, name in prompt.label_names.items()}
             merged.pred_phrases = np.array([names[int(c)] for c in merged.pred_classes], dtype=object)
             results.append(merged)

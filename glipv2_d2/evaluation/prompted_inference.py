@@ -43,7 +43,9 @@ def merge_chunk_detections(parts: Sequence[Instances], max_per_image: int | None
 class PromptedDetector(nn.Module):
     """Wraps a GLIPv2 model so that `inference_on_dataset` can call it on plain image dicts; the
     prompts are the vocabulary's chunks (``PromptBuilder.categories``), encoded once. An image's
-    merged detections are cut to `max_detections_per_image` (None: every box, as fixed AP needs)."""
+    merged detections are cut to `max_detections_per_image` (None: every box, as fixed AP needs).
+    Output-size fields (pasted masks) are made after the cut, so that 31 LVIS chunks never hold
+    their full-image masks at once."""
 
     def __init__(self, model: nn.Module, prompts: Sequence[Prompt], max_detections_per_image: int | None = None):
         super().__init__()
@@ -57,6 +59,9 @@ class PromptedDetector(nn.Module):
         per_image: list[list[Instances]] = [[] for _ in batched_inputs]
         for prompt in self.prompts:
             prompted = [{**x, "prompt": prompt} for x in batched_inputs]
-            for parts, output in zip(per_image, self.model(prompted)):
+            for parts, output in zip(per_image, self.model.inference(prompted, finish=False)):
                 parts.append(output["instances"])
-        return [{"instances": merge_chunk_detections(parts, self.max_detections_per_image)} for parts in per_image]
+        return [
+            {"instances": self.model.finish_instances(merge_chunk_detections(parts, self.max_detections_per_image))}
+            for parts in per_image
+        ]

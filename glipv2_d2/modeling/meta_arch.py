@@ -266,16 +266,23 @@ class GLIPv2(nn.Module):
         _check_finite(losses)
         return losses
 
-    def inference(self, batched_inputs: list[dict], do_postprocess: bool = True) -> list[dict]:
+    def inference(self, batched_inputs: list[dict], do_postprocess: bool = True, finish: bool = True) -> list[dict]:
         """Detections per image: Instances(pred_boxes, scores, pred_classes) in input-image pixels
         ("height"/"width" when given, as Detectron2 models do; network-input pixels without
         ``do_postprocess``), plus the task heads' outputs. ``pred_classes`` are the labels of each
-        image's prompt."""
+        image's prompt. ``finish=False`` leaves output-size fields (pasted masks) to a later
+        ``finish_instances``: chunked prompts merge and cut their detections first."""
         prompts = [_prompt_of(x, i) for i, x in enumerate(batched_inputs)]
         images = self.preprocess_image(batched_inputs)
         text = self.encode_text(prompts)
         outputs = self.run_network(images, text)
-        return self.postprocess(images, batched_inputs, prompts, text, outputs, rescale=do_postprocess)
+        return self.postprocess(images, batched_inputs, prompts, text, outputs, rescale=do_postprocess, finish=finish)
+
+    def finish_instances(self, instances: Instances) -> Instances:
+        """Each task head's ``finish_instances`` on one image's final detections."""
+        for task_head in self.task_heads.values():
+            instances = task_head.finish_instances(instances)
+        return instances
 
     def postprocess(
         self,
@@ -285,9 +292,10 @@ class GLIPv2(nn.Module):
         text: EncodedText,
         outputs: NetworkOutputs,
         rescale: bool = True,
+        finish: bool = True,
     ) -> list[dict]:
-        """Network outputs -> output dicts: ATSS decoding, NMS, the task heads, rescaling, then each
-        head's ``finish_instances`` (masks pasted at the output size)."""
+        """Network outputs -> output dicts: ATSS decoding, NMS, the task heads, rescaling, then (with
+        ``finish``) each head's ``finish_instances`` (masks pasted at the output size)."""
         anchors = self.anchor_generator(outputs.features)
         detections = self.post_processor(
             outputs.bbox_reg, outputs.centerness, outputs.logits, anchors, images.image_sizes,
@@ -303,8 +311,8 @@ class GLIPv2(nn.Module):
             if rescale:
                 height, width = x.get("height", size[0]), x.get("width", size[1])
                 result["instances"] = rescale_instances(result["instances"], height, width)
-            for task_head in self.task_heads.values():
-                result["instances"] = task_head.finish_instances(result["instances"])
+            if finish:
+                result["instances"] = self.finish_instances(result["instances"])
         return results
 
 
