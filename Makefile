@@ -3,8 +3,9 @@
 #                     CPU, evaluate it with COCOEvaluator and draw predictions on val images; then
 #                     train its mask head with the detector frozen (configs/quickstart/mask.yaml),
 #                     evaluate masks (COCO segm AP, PhraseCut metrics) and draw them
-#   make demo   - install into .venv, then draw the quick-start model's boxes on synthetic val images
-#                 (once make quickstart has trained it; untrained weights on a photo before)
+#   make demo   - install into .venv, then draw the quick-start model's boxes (and masks, once its
+#                 segmentation stage has run) on synthetic val images (once make quickstart has
+#                 trained it; untrained weights on a photo before)
 #   make test   - install into .venv, then run the test suite
 # Every target is idempotent: a second run reuses .venv and only installs what is missing.
 PYTHON ?= python3
@@ -37,7 +38,11 @@ quickstart: $(STAMP)
 		MODEL.WEIGHTS output/quickstart_mask/model_final.pth
 
 demo: $(STAMP)
-	@if [ -f output/quickstart/model_final.pth ] && [ -f datasets/glipv2_synthetic/annotations/val.json ]; then \
+	@if [ -f output/quickstart_mask/model_final.pth ] && [ -f datasets/glipv2_synthetic/annotations/val.json ]; then \
+		$(PY) tools/demo.py --config-file configs/quickstart/mask.yaml \
+			--categories-json datasets/glipv2_synthetic/annotations/val.json --input datasets/glipv2_synthetic/val \
+			--max-images 2 --output output/demo --score-threshold 0.45 MODEL.WEIGHTS output/quickstart_mask/model_final.pth; \
+	elif [ -f output/quickstart/model_final.pth ] && [ -f datasets/glipv2_synthetic/annotations/val.json ]; then \
 		$(PY) tools/demo.py --config-file configs/quickstart/train.yaml \
 			--categories-json datasets/glipv2_synthetic/annotations/val.json --input datasets/glipv2_synthetic/val \
 			--max-images 2 --output output/demo --score-threshold 0.45 MODEL.WEIGHTS output/quickstart/model_final.pth; \
