@@ -104,18 +104,15 @@ def _use_running_statistics(module: nn.Module, _inputs: tuple) -> None:
     module.train(False)
 
 
-def _keep_frozen_norms_in_eval_mode(model: nn.Module) -> list[str]:
+def _keep_frozen_norms_in_eval_mode(model: nn.Module) -> None:
     """Frozen batch norms normalise with their stored statistics and never update them, even while
     the model trains (a forward pre-hook switches them to eval mode before every call)."""
-    held = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         params = list(module.parameters(recurse=False))
         is_frozen = bool(params) and not any(p.requires_grad for p in params)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and is_frozen:
             module.register_forward_pre_hook(_use_running_statistics)
             module.train(False)
-            held.append(name)
-    return held
 
 
 def freeze_parameters(cfg: CfgNode, model: nn.Module) -> list[str]:
