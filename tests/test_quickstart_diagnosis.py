@@ -91,7 +91,10 @@ class StubDetector(nn.Module):
         self.class_names = MetadataCatalog.get(split).thing_classes
         self.annotations = {r["image_id"]: r["annotations"] for r in DatasetCatalog.get(split)}
 
-    def forward(self, batched_inputs: list[dict]) -> list[dict]:
+    def finish_instances(self, instances):
+        return instances
+
+    def inference(self, batched_inputs: list[dict], finish: bool = True) -> list[dict]:
         outputs = []
         for x in batched_inputs:
             assert x["prompt"].label_names == dict(enumerate(self.class_names))
