@@ -182,16 +182,17 @@ def _check_config(cfg: CfgNode, channels: list[int], input_shape: Sequence[Shape
 
 
 def _ground_truth(x: dict, index: int) -> Instances:
-    name = x.get("file_name", "no file name")
+    """The image's boxes with masks; an image whose boxes come without masks (detection-only data
+    mixed in, or annotations only partly masked, which the mappers then train as boxes) gives
+    none, so it adds nothing to the mask loss while its boxes still train the detector."""
     if "instances" not in x:
-        raise ValueError(f"training input {index} ({name}) has no 'instances' for the mask head")
+        raise ValueError(f"training input {index} ({x.get('file_name', 'no file name')}) has no 'instances'")
     instances = x["instances"]
-    if not instances.has("gt_masks"):
-        raise ValueError(
-            f"training input {index} ({name}) has no instances.gt_masks: the mask head (MODEL.MASK_ON) needs a mask "
-            "for every box (map the dataset with masks)"
-        )
-    return instances
+    if instances.has("gt_masks"):
+        return instances
+    without_boxes = instances[:0]
+    without_boxes.gt_masks = PolygonMasks([])
+    return without_boxes
 
 
 def _pad_tokens(positive_map: Tensor, num_tokens: int) -> Tensor:
