@@ -220,4 +220,16 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.GLIPV2 = CN()
     cfg.MODEL.GLIPV2.FUSION = "VLDyHeadTower"  # FUSION_REGISTRY name of the image-text fusion module
     cfg.MODEL.GLIPV2.TASK_HEADS = []  # TASK_HEAD_REGISTRY names of extra heads (masks, answers, captions, ...)
+
+    # Captioning (paper §3.3, app. D.2): "CaptionHead" in MODEL.GLIPV2.TASK_HEADS; caption mode reads
+    # the text causally and keeps the image blind to it in every fusion layer.
+    cfg.MODEL.CAPTION_ON = False  # run the model in caption mode by default (train the LM, infer captions)
+    cfg.MODEL.CAPTION = CN()
+    cfg.MODEL.CAPTION.LOSS_WEIGHT = 1.0  # weight of the next-token cross-entropy
+    cfg.MODEL.CAPTION.INIT_FROM_TEXT_MODEL = True  # with LOAD_PRETRAINED, start the LM layer from MODEL_PATH's LM head
+    cfg.MODEL.CAPTION.BEAM_SIZE = 1  # hypotheses kept per image at inference (1: greedy)
+    cfg.MODEL.CAPTION.MAX_LENGTH = 20  # most generated tokens, end token included
+    cfg.MODEL.CAPTION.MIN_LENGTH = 0  # fewest tokens before the end token may be generated
+    cfg.MODEL.CAPTION.LENGTH_PENALTY = 1.0  # hypothesis score: sum(log p) / length ** this
+    cfg.MODEL.CAPTION.USE_CACHE = True  # decode with the image side computed once and cached text keys/values
     return cfg

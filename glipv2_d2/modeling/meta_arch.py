@@ -5,6 +5,11 @@ prompts; the text encoder runs once per DISTINCT prompt of the batch, and prompt
 batch's longest one unless MODEL.LANGUAGE_BACKBONE.PAD_MAX asks for the official fixed length.
 Components build themselves from the config and the shapes of what feeds them, as Detectron2's dense
 detectors do: strides and widths come from the backbone, never from keys that restate it.
+
+Caption mode (MODEL.CAPTION_ON, or ``caption_mode=`` per call) runs the same network with the text
+read causally and the image blind to it (paper app. D.2): training adds the CaptionHead's
+next-token loss to the grounding losses of the images that carry boxes, inference generates
+captions (``generate_captions``). L_inter and L_mlm are not computed in caption mode.
 """
 
 from dataclasses import dataclass
@@ -22,6 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from ..structures import NO_CATEGORY, Prompt
 from .anchor_generator import LegacyAnchorGenerator
+from .caption.generate import generate_captions
+from .caption.options import CaptionDecodingOptions
 from .dense_head import GroundingPredictionHead
 from .fusion import build_fusion
 from .inter_image_loss import InterImageContrastiveLoss, RegionWordLabels
@@ -90,6 +97,7 @@ class GLIPv2(nn.Module):
         mlm_only_positive_phrases: bool = False,
         mlm_loss_weight: float = 1.0,
         task_heads: nn.ModuleDict | None = None,
+        caption_mode: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -115,6 +123,9 @@ class GLIPv2(nn.Module):
         self.mlm_only_positive_phrases = mlm_only_positive_phrases
         self.mlm_loss_weight = mlm_loss_weight
         self.task_heads = task_heads if task_heads is not None else nn.ModuleDict()
+        if caption_mode and "CaptionHead" not in self.task_heads:
+            raise ValueError("MODEL.CAPTION_ON is True but MODEL.GLIPV2.TASK_HEADS does not name CaptionHead: add it")
+        self.caption_mode = caption_mode
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -148,6 +159,7 @@ class GLIPv2(nn.Module):
             "mlm_probability": mlm.PROBABILITY,
             "mlm_only_positive_phrases": mlm.ONLY_POSITIVE_PHRASES,
             "mlm_loss_weight": mlm.LOSS_WEIGHT,
+            "caption_mode": cfg.MODEL.CAPTION_ON,
         }
 
     @property
@@ -166,12 +178,15 @@ class GLIPv2(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
-    def encode_text(self, prompts: list[Prompt], batched_inputs: list[dict] | None = None) -> EncodedText:
+    def encode_text(
+        self, prompts: list[Prompt], batched_inputs: list[dict] | None = None, caption_mode: bool = False
+    ) -> EncodedText:
         """Run the text encoder once per distinct caption and gather the rows back per image.
 
         In training with L_mlm the distinct prompts are corrupted BERT-style before the encoder (the
         whole forward pass then reads them, as officially), never at inference; ``batched_inputs``
-        give the grounded tokens when MLM.ONLY_POSITIVE_PHRASES is set.
+        give the grounded tokens when MLM.ONLY_POSITIVE_PHRASES is set. ``caption_mode``: causal
+        text, never corrupted.
         """
         distinct: dict[str, int] = {}
         rows = [distinct.setdefault(prompt.caption, len(distinct)) for prompt in prompts]
@@ -180,12 +195,14 @@ class GLIPv2(nn.Module):
         input_ids = self._pad_tokens([p.input_ids for p in unique], self.tokenizer.pad_token_id)
         mask = self._pad_tokens([p.attention_mask for p in unique], 0)
         mlm_labels = None
-        if self.training and self.mlm_head is not None:
+        if self.training and self.mlm_head is not None and not caption_mode:
             eligible = self._grounded_tokens(batched_inputs, rows, input_ids.shape)
             input_ids, mlm_labels = mask_tokens(
                 input_ids, mask, self.mlm_vocab, probability=self.mlm_probability, eligible=eligible
             )
-        encoded = self.language_backbone(input_ids, mask)
+        encoded = self.language_backbone(input_ids, mask, causal=True) if caption_mode else self.language_backbone(
+            input_ids, mask
+        )
         index = torch.tensor(rows, device=self.device)
         return EncodedText(
             hidden=encoded["hidden"][index],
@@ -213,11 +230,14 @@ class GLIPv2(nn.Module):
             eligible[row, : grounded.shape[0]] |= grounded
         return eligible
 
-    def run_network(self, images: ImageList, text: EncodedText) -> NetworkOutputs:
+    def run_network(self, images: ImageList, text: EncodedText, caption_mode: bool = False) -> NetworkOutputs:
         """Backbone, fusion tower and prediction head on a preprocessed batch."""
         pyramid = self.backbone(images.tensor)
         pre_fusion = [pyramid[name] for name in self.level_names]
-        features, fused_text = self.fusion(pre_fusion, text.hidden, text.mask)
+        if caption_mode:
+            features, fused_text = self.fusion(pre_fusion, text.hidden, text.mask, caption_mode=True)
+        else:
+            features, fused_text = self.fusion(pre_fusion, text.hidden, text.mask)
         # Official "embedded" text when the head scores before fusion: the encoder output, masked.
         scored_text = fused_text if self.score_with_fused_text else text.hidden * text.mask[..., None]
         predictions = self.head(features, scored_text)
@@ -230,15 +250,22 @@ class GLIPv2(nn.Module):
             centerness=predictions["centerness"],
         )
 
-    def forward(self, batched_inputs: list[dict]) -> list[dict] | dict[str, Tensor]:
-        """Training: the loss dict; inference: see ``inference``. Inputs: see the class docstring."""
+    def forward(
+        self, batched_inputs: list[dict], caption_mode: bool | None = None
+    ) -> list[dict] | dict[str, Tensor]:
+        """Training: the loss dict; inference: see ``inference``. Inputs: see the class docstring.
+        ``caption_mode``: None follows MODEL.CAPTION_ON; in caption mode an image without
+        "instances" (captions without boxes) trains the language model only."""
+        caption_mode = self.caption_mode if caption_mode is None else caption_mode
         if not self.training:
-            return self.inference(batched_inputs)
+            return self.inference(batched_inputs, caption_mode=caption_mode)
         prompts = [_prompt_of(x, i) for i, x in enumerate(batched_inputs)]
+        if caption_mode:
+            batched_inputs = [_with_caption_instances(x, prompt) for x, prompt in zip(batched_inputs, prompts)]
         instances = [_instances_of(x, i).to(self.device) for i, x in enumerate(batched_inputs)]
         images = self.preprocess_image(batched_inputs)
-        text = self.encode_text(prompts, batched_inputs)
-        outputs = self.run_network(images, text)
+        text = self.encode_text(prompts, batched_inputs, caption_mode=caption_mode)
+        outputs = self.run_network(images, text, caption_mode=caption_mode)
         num_tokens = text.mask.shape[1]
         positive_maps = [_pad_columns(x.positive_map.float(), num_tokens) for x in instances]
         anchors = self.anchor_generator(outputs.features)
@@ -247,16 +274,18 @@ class GLIPv2(nn.Module):
             targets, anchors, outputs.logits, outputs.bbox_reg, outputs.centerness, text.mask,
             _image_weights(batched_inputs, self.device),
         )
-        if self.inter_image_loss is not None:
+        if self.inter_image_loss is not None and not caption_mode:
             losses["loss_inter_image"] = self.inter_image_loss(
                 outputs.pre_fusion_features,
                 text.hidden if self.inter_image_loss.text_features == "pre_fusion" else outputs.text,
                 text.mask,
                 _region_word_labels(instances, text.token_categories, targets.matched_idxs, positive_maps),
             )
-        if self.mlm_head is not None:
+        if self.mlm_head is not None and not caption_mode:
             losses["loss_mlm"] = self.mlm_head(outputs.text, text.mlm_labels) * self.mlm_loss_weight
-        head_inputs = _task_head_inputs(images, batched_inputs, prompts, text, outputs, anchors)
+        head_inputs = _task_head_inputs(
+            images, batched_inputs, prompts, text, outputs, anchors, caption_mode=caption_mode
+        )
         for name, task_head in self.task_heads.items():
             head_losses = task_head(head_inputs)
             clash = sorted(set(head_losses) & set(losses))
@@ -266,17 +295,43 @@ class GLIPv2(nn.Module):
         _check_finite(losses)
         return losses
 
-    def inference(self, batched_inputs: list[dict], do_postprocess: bool = True, finish: bool = True) -> list[dict]:
+    def inference(
+        self,
+        batched_inputs: list[dict],
+        do_postprocess: bool = True,
+        finish: bool = True,
+        caption_mode: bool | None = None,
+    ) -> list[dict]:
         """Detections per image: Instances(pred_boxes, scores, pred_classes) in input-image pixels
         ("height"/"width" when given, as Detectron2 models do; network-input pixels without
         ``do_postprocess``), plus the task heads' outputs. ``pred_classes`` are the labels of each
         image's prompt. ``finish=False`` leaves output-size fields (pasted masks) to a later
-        ``finish_instances``: chunked prompts merge and cut their detections first."""
+        ``finish_instances``: chunked prompts merge and cut their detections first.
+        In caption mode (``caption_mode``, None: MODEL.CAPTION_ON) the inputs need no prompt and the
+        outputs are ``generate_captions``'s with the config's decoding options."""
+        if self.caption_mode if caption_mode is None else caption_mode:
+            return self.generate_captions(batched_inputs)
         prompts = [_prompt_of(x, i) for i, x in enumerate(batched_inputs)]
         images = self.preprocess_image(batched_inputs)
         text = self.encode_text(prompts)
         outputs = self.run_network(images, text)
         return self.postprocess(images, batched_inputs, prompts, text, outputs, rescale=do_postprocess, finish=finish)
+
+    def generate_captions(
+        self,
+        batched_inputs: list[dict],
+        options: CaptionDecodingOptions | None = None,
+        use_cache: bool | None = None,
+    ) -> list[dict]:
+        """Caption each input image ("image", optional "height"/"width"; no prompt) in caption mode:
+        see ``glipv2_d2.modeling.caption.generate``. ``options`` default to MODEL.CAPTION's,
+        ``use_cache`` to MODEL.CAPTION.USE_CACHE (False recomputes the whole model at every step)."""
+        if "CaptionHead" not in self.task_heads:
+            raise ValueError("captioning needs a CaptionHead: add it to MODEL.GLIPV2.TASK_HEADS")
+        head = self.task_heads["CaptionHead"]
+        return generate_captions(
+            self, batched_inputs, options or head.options, head.use_cache if use_cache is None else use_cache
+        )
 
     def finish_instances(self, instances: Instances) -> Instances:
         """Each task head's ``finish_instances`` on one image's final detections."""
@@ -329,6 +384,7 @@ def _task_head_inputs(
     outputs: NetworkOutputs,
     anchors: list[Tensor],
     detections: list[Instances] | None = None,
+    caption_mode: bool = False,
 ) -> TaskHeadInputs:
     return TaskHeadInputs(
         images=images,
@@ -343,7 +399,19 @@ def _task_head_inputs(
         bbox_reg=outputs.bbox_reg,
         centerness=outputs.centerness,
         detections=detections,
+        caption_mode=caption_mode,
     )
+
+
+def _with_caption_instances(x: dict, prompt: Prompt) -> dict:
+    """A caption-mode input that has no boxes gets empty instances and a zero grounding-loss weight."""
+    if "instances" in x:
+        return x
+    height, width = x["image"].shape[-2:]
+    empty = Instances((height, width))
+    empty.gt_boxes = Boxes(torch.zeros(0, 4))
+    empty.positive_map = torch.zeros(0, len(prompt), dtype=torch.bool)
+    return {**x, "instances": empty, "loss_weight": 0.0}
 
 
 def _image_weights(batched_inputs: list[dict], device: torch.device) -> Tensor | None:

@@ -47,6 +47,7 @@ class TaskHeadInputs:
         bbox_reg: see ``logits``.
         centerness: see ``logits``.
         detections: at inference, each image's detections in network-input pixels; None in training.
+        caption_mode: whether the text was read causally and the image blind to it (captioning).
     """
 
     images: ImageList
@@ -61,6 +62,7 @@ class TaskHeadInputs:
     bbox_reg: list[Tensor]
     centerness: list[Tensor]
     detections: list[Instances] | None = None
+    caption_mode: bool = False
 
 
 class GroundedTaskHead(nn.Module):

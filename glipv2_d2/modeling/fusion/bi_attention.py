@@ -6,15 +6,31 @@ microsoft/GLIP ``maskrcnn_benchmark/utils/fuse_helper.py`` so official weights l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import stochastic_depth
 
-__all__ = ["BiMultiHeadAttention", "BiAttentionBlock"]
+__all__ = ["BiMultiHeadAttention", "BiAttentionBlock", "ImageKeys"]
 
 LOGIT_CLAMP = 50000.0
 PAD_FILL = -9e15
+
+
+@dataclass
+class ImageKeys:
+    """What the text branch reads of the image: the scaled image queries and the image values,
+    ``(B, heads, N, head_dim)`` each. In caption mode they do not depend on the text, so decoding
+    computes them once per image."""
+
+    query: Tensor
+    value: Tensor
+
+    def index_select(self, index: Tensor) -> ImageKeys:
+        """The rows ``index`` of the batch (beams reordered or repeated)."""
+        return ImageKeys(self.query.index_select(0, index), self.value.index_select(0, index))
 
 
 class BiMultiHeadAttention(nn.Module):
@@ -84,6 +100,19 @@ class BiMultiHeadAttention(nn.Module):
         out_l = torch.matmul(attn_l.transpose(-1, -2), value_v)
         return self.out_v_proj(self._merge_heads(out_v)), self.out_l_proj(self._merge_heads(out_l))
 
+    def image_keys(self, v: Tensor) -> ImageKeys:
+        """The image side of the text branch for (B, N, v_dim) image tokens (caption mode)."""
+        return ImageKeys(self._split_heads(self.v_proj(v) * self.scale), self._split_heads(self.values_v_proj(v)))
+
+    def text_from_image(self, lang: Tensor, image: ImageKeys) -> Tensor:
+        """delta_l (B, T, l_dim) of the text branch alone (caption mode): each token's softmax runs
+        over the image positions only, so a token never reads another token here and the branch is
+        causal as it stands; any number of tokens (one per decoding step) gives the same rows."""
+        key = self._split_heads(self.l_proj(lang))
+        scores = torch.matmul(image.query, key.transpose(-1, -2)).float().clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
+        attn_l = F.dropout(scores.softmax(dim=-2), p=self.dropout, training=self.training).to(image.value.dtype)
+        return self.out_l_proj(self._merge_heads(torch.matmul(attn_l.transpose(-1, -2), image.value)))
+
 
 class BiAttentionBlock(nn.Module):
     """Pre-LN bidirectional attention over all pyramid levels at once, with layer scale.
@@ -127,3 +156,20 @@ class BiAttentionBlock(nn.Module):
         chunks = v.split([h * w for h, w in sizes], dim=2)
         levels = [chunk.view(b, c, h, w) for chunk, (h, w) in zip(chunks, sizes, strict=True)]
         return levels, lang
+
+    def image_side(self, visual_levels: list[Tensor]) -> tuple[list[Tensor], ImageKeys]:
+        """Caption mode's image path: the image does not attend to the text, so it keeps its
+        layer-normalised input (the residual without the text update) and hands the text branch
+        its keys; nothing here depends on the text."""
+        sizes = [tuple(f.shape[-2:]) for f in visual_levels]
+        v = self.layer_norm_v(torch.cat([f.flatten(2) for f in visual_levels], dim=2).transpose(1, 2))
+        keys = self.attn.image_keys(v)
+        b, _, c = v.shape
+        chunks = v.transpose(1, 2).contiguous().split([h * w for h, w in sizes], dim=2)
+        return [chunk.view(b, c, h, w) for chunk, (h, w) in zip(chunks, sizes, strict=True)], keys
+
+    def text_side(self, lang_hidden: Tensor, image: ImageKeys) -> Tensor:
+        """Caption mode's text path: ``l = LN(l) + gamma_l * dl`` with dl read from ``image``."""
+        lang = self.layer_norm_l(lang_hidden)
+        delta_l = self.attn.text_from_image(lang, image)
+        return lang + stochastic_depth(self.gamma_l * delta_l, self.drop_path, "row", self.training)

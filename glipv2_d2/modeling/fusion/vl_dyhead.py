@@ -5,26 +5,33 @@ MHA-B fusion with a BERT text encoder. The official tower is a flat ``nn.Sequent
 entries ``3i``, ``3i+1``, ``3i+2`` are ``VLFuse`` (holding ``b_attn``), ``BertEncoderLayer`` and
 ``DyConv``; here they are ``layers[i].b_attn``, ``layers[i].text_layer`` and ``layers[i].dyconv``
 with identical parameter names below those prefixes.
+
+Caption mode (``caption_mode=True``, paper appendix D.2) runs the same weights with the image
+blind to the text in every layer and the text causal: ``encode_image`` computes the image side
+(every layer's visual path and DyConv) from the image alone, ``decode_text`` the text side over it,
+with the BERT layers' keys and values cached between decoding steps when given a cache.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
-from transformers import BertConfig
+from transformers import BertConfig, Cache
 from transformers.models.bert.modeling_bert import BertLayer
 
-from .bi_attention import BiAttentionBlock
+from ..language.causal import causal_attention_mask
+from .bi_attention import BiAttentionBlock, ImageKeys
 from .build import FUSION_REGISTRY
 from .dyconv import DyConv
 
-__all__ = ["VLDyHeadLayer", "VLDyHeadTower", "text_attention_mask"]
+__all__ = ["CaptionImageSide", "VLDyHeadLayer", "VLDyHeadTower", "text_attention_mask"]
 
 
 def text_attention_mask(lang_mask: Tensor, dtype: torch.dtype, attn_implementation: str) -> Tensor:
@@ -41,6 +48,23 @@ def text_attention_mask(lang_mask: Tensor, dtype: torch.dtype, attn_implementati
     )
 
 
+@dataclass
+class CaptionImageSide:
+    """The tower's image side in caption mode: the fused levels and each layer's ``ImageKeys``."""
+
+    features: list[Tensor]
+    keys: list[ImageKeys]
+
+    def index_select(self, index: Tensor) -> CaptionImageSide:
+        """The rows ``index`` of the batch (an image repeated for its beams)."""
+        return CaptionImageSide([f.index_select(0, index) for f in self.features],
+                                [k.index_select(index) for k in self.keys])
+
+
+def _bert_layer_output(out: Tensor | tuple) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
 class VLDyHeadLayer(nn.Module):
     """One fusion step: bidirectional attention, a BERT layer on the text, DyConv on the image."""
 
@@ -55,9 +79,22 @@ class VLDyHeadLayer(nn.Module):
     ) -> tuple[list[Tensor], Tensor]:
         features, lang_hidden = self.b_attn(features, lang_hidden, lang_mask)
         if self.text_layer is not None:
-            out = self.text_layer(lang_hidden, text_mask)
-            lang_hidden = out[0] if isinstance(out, tuple) else out
+            lang_hidden = _bert_layer_output(self.text_layer(lang_hidden, text_mask))
         return self.dyconv(features), lang_hidden
+
+    def image_side(self, features: list[Tensor]) -> tuple[list[Tensor], ImageKeys]:
+        """Caption mode: the visual path (no text read) and the keys the text branch reads."""
+        features, keys = self.b_attn.image_side(features)
+        return self.dyconv(features), keys
+
+    def text_side(
+        self, lang_hidden: Tensor, keys: ImageKeys, causal_mask: Tensor, cache: Cache | None = None
+    ) -> Tensor:
+        """Caption mode: the text branch over ``keys``, then the BERT layer under ``causal_mask``."""
+        lang_hidden = self.b_attn.text_side(lang_hidden, keys)
+        if self.text_layer is not None:
+            lang_hidden = _bert_layer_output(self.text_layer(lang_hidden, causal_mask, cache=cache))
+        return lang_hidden
 
 
 @FUSION_REGISTRY.register()
@@ -123,7 +160,7 @@ class VLDyHeadTower(nn.Module):
                 VLDyHeadLayer(
                     BiAttentionBlock(c_in, text_config.hidden_size, embed_dim, num_heads,
                                      dropout=fusion_dropout, drop_path=drop_path, init_values=init_values),
-                    BertLayer(text_config) if last_text_layer or i < num_layers - 1 else None,
+                    BertLayer(text_config, layer_idx=i) if last_text_layer or i < num_layers - 1 else None,
                     DyConv(c_in, channels, use_dyrelu=use_dyrelu and same_width,
                            use_deform=use_deform and same_width, use_gn=use_gn),
                 )
@@ -163,11 +200,16 @@ class VLDyHeadTower(nn.Module):
         features: list[Tensor],
         lang_hidden: Tensor,
         lang_mask: Tensor,
+        caption_mode: bool = False,
     ) -> tuple[list[Tensor], Tensor]:
         """features: P3..P7 as (B, C, H, W); lang_hidden: (B, T, D) text encoder ``hidden``;
         lang_mask: (B, T) with 0 on padding. Padding the text to any length gives the same outputs
-        at real positions, so batches may be padded to their longest prompt.
+        at real positions, so batches may be padded to their longest prompt. ``caption_mode``: the
+        image never reads the text and the text is causal (no gradient checkpointing there).
         """
+        if caption_mode:
+            image = self.encode_image(features)
+            return image.features, self.decode_text(lang_hidden, lang_mask, image)
         text_mask = text_attention_mask(lang_mask, lang_hidden.dtype, self.attn_implementation)
         checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
         features = list(features)
@@ -179,3 +221,22 @@ class VLDyHeadTower(nn.Module):
             else:
                 features, lang_hidden = layer(features, lang_hidden, lang_mask, text_mask)
         return features, lang_hidden
+
+    def encode_image(self, features: list[Tensor]) -> CaptionImageSide:
+        """Caption mode's image side from the backbone levels alone, once per image."""
+        features, keys = list(features), []
+        for layer in self.layers:
+            features, layer_keys = layer.image_side(features)
+            keys.append(layer_keys)
+        return CaptionImageSide(features, keys)
+
+    def decode_text(
+        self, lang_hidden: Tensor, lang_mask: Tensor, image: CaptionImageSide, cache: Cache | None = None
+    ) -> Tensor:
+        """Caption mode's text side for the newest ``q`` tokens ``lang_hidden`` (B, q, D):
+        ``lang_mask`` (B, K) covers the whole sequence, the ``K - q`` earlier tokens being those
+        whose keys and values ``cache`` holds (all of them are given at once without a cache)."""
+        mask = causal_attention_mask(lang_mask, lang_hidden.shape[1], lang_hidden.dtype, self.attn_implementation)
+        for layer, keys in zip(self.layers, image.keys, strict=True):
+            lang_hidden = layer.text_side(lang_hidden, keys, mask, cache)
+        return lang_hidden

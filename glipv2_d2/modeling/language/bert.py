@@ -10,6 +10,10 @@ Mirrors the official ``maskrcnn_benchmark.modeling.language_backbone.bert_model.
 * ``aggregate``: masked mean of ``embedded`` over the tokens.
 * ``masks``: the attention mask, passed through.
 
+Caption mode (``causal=True``) reads each token with the tokens before it only, through a causal
+mask and, when decoding, transformers' key/value ``cache`` (positions continue after the cached
+tokens); the default bidirectional call is the official one, untouched.
+
 The wrapped ``transformers.BertModel`` has no pooler and lives in ``self.model``, so parameter names
 are ``model.embeddings.*`` / ``model.encoder.layer.N.*`` as in the official checkpoints (under
 ``language_backbone.body.``).
@@ -23,7 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, Cache
+
+from .causal import causal_attention_mask
 
 __all__ = ["BertTextEncoder"]
 
@@ -90,12 +96,32 @@ class BertTextEncoder(nn.Module):
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, T) ids and mask -> {"hidden", "embedded", "aggregate": (B, T, H)/(B, H), "masks"}."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        causal: bool = False,
+        cache: Cache | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """(B, T) ids and mask -> {"hidden", "embedded", "aggregate": (B, T, H)/(B, H), "masks"}.
+
+        ``causal``: each token reads only itself and earlier tokens; with a ``cache`` (causal only)
+        ``input_ids`` are the newest tokens after the cached ones, ``attention_mask`` (B, cached + T)
+        covers them all, and the cache gains their keys and values.
+        """
+        if cache is not None and not causal:
+            raise ValueError("a key/value cache needs causal=True: bidirectional tokens change with later ones")
+        mask = attention_mask
+        if causal:
+            mask = causal_attention_mask(
+                attention_mask, input_ids.shape[1], self.model.dtype, self.model.config._attn_implementation
+            )
+            attention_mask = attention_mask[:, -input_ids.shape[1]:]
         outputs = self.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=mask,
             output_hidden_states=self.num_last_layers > 1,
+            **({"cache": cache} if cache is not None else {}),
         )
         hidden = outputs.last_hidden_state
         if self.num_last_layers == 1:
