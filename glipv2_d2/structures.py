@@ -31,6 +31,8 @@ class Prompt:
             (``category_uid`` of its name, shared by every dataset), ``NO_CATEGORY`` elsewhere and for
             every token of a free-form caption. GLIPv2's inter-image loss propagates labels along it.
         label_names: label -> the category name or phrase text, for naming detections.
+        text_embedding: ``(T, H)`` text-encoder output to use instead of running the encoder (a tuned
+            prompt, see ``glipv2_d2.modeling.prompt_tuning``); None: the encoder reads the tokens.
     """
 
     caption: str
@@ -39,6 +41,7 @@ class Prompt:
     label_to_tokens: dict[int, list[int]]
     token_categories: Tensor
     label_names: dict[int, str] = field(default_factory=dict)
+    text_embedding: Tensor | None = None
 
     def __post_init__(self) -> None:
         num_tokens = len(self.input_ids)
@@ -51,6 +54,13 @@ class Prompt:
             raise ValueError(
                 f"prompt {self.caption!r}: token_categories has shape {tuple(self.token_categories.shape)}, "
                 f"expected ({num_tokens},)"
+            )
+        if self.text_embedding is not None and (
+            self.text_embedding.dim() != 2 or self.text_embedding.shape[0] != num_tokens
+        ):
+            raise ValueError(
+                f"prompt {self.caption!r}: text_embedding has shape {tuple(self.text_embedding.shape)}, "
+                f"expected ({num_tokens}, hidden size)"
             )
         outside = {label: tokens for label, tokens in self.label_to_tokens.items()
                    if any(not 0 <= t < num_tokens for t in tokens)}

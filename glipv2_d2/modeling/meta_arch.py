@@ -196,20 +196,39 @@ class GLIPv2(nn.Module):
         mask = self._pad_tokens([p.attention_mask for p in unique], 0)
         mlm_labels = None
         if self.training and self.mlm_head is not None and not caption_mode:
+            if any(p.text_embedding is not None for p in unique):
+                raise ValueError("a tuned prompt (text_embedding) cannot be MLM-corrupted: set MODEL.MLM.ENABLED False")
             eligible = self._grounded_tokens(batched_inputs, rows, input_ids.shape)
             input_ids, mlm_labels = mask_tokens(
                 input_ids, mask, self.mlm_vocab, probability=self.mlm_probability, eligible=eligible
             )
-        encoded = self.language_backbone(input_ids, mask, causal=True) if caption_mode else self.language_backbone(
-            input_ids, mask
-        )
+        hidden = self._text_states(unique, input_ids, mask, caption_mode)
         index = torch.tensor(rows, device=self.device)
         return EncodedText(
-            hidden=encoded["hidden"][index],
+            hidden=hidden[index],
             mask=mask[index],
             token_categories=self._pad_tokens([p.token_categories for p in prompts], NO_CATEGORY),
             mlm_labels=None if mlm_labels is None else mlm_labels[index],
         )
+
+    def _text_states(self, unique: list[Prompt], input_ids: Tensor, mask: Tensor, caption_mode: bool) -> Tensor:
+        """(distinct prompts, T, H) encoder output. A prompt carrying its tuned ``text_embedding``
+        (prompt tuning) takes it, zero-padded, and the encoder runs only on the others, if any."""
+        read = [i for i, p in enumerate(unique) if p.text_embedding is None]
+        if len(read) == len(unique):
+            return self._run_text_encoder(input_ids, mask, caption_mode)
+        encoded = iter(self._run_text_encoder(input_ids[read], mask[read], caption_mode) if read else ())
+        length = input_ids.shape[1]
+        return torch.stack([
+            next(encoded) if p.text_embedding is None
+            else F.pad(p.text_embedding.to(self.device), (0, 0, 0, length - len(p)))
+            for p in unique
+        ])
+
+    def _run_text_encoder(self, input_ids: Tensor, mask: Tensor, caption_mode: bool) -> Tensor:
+        if caption_mode:
+            return self.language_backbone(input_ids, mask, causal=True)["hidden"]
+        return self.language_backbone(input_ids, mask)["hidden"]
 
     def _pad_tokens(self, rows: list[Tensor], value: int) -> Tensor:
         """Right-pad per-prompt token rows to the batch's longest (or MAX_QUERY_LEN with PAD_MAX)."""
