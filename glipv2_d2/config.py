@@ -232,4 +232,5 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.CAPTION.MIN_LENGTH = 0  # fewest tokens before the end token may be generated
     cfg.MODEL.CAPTION.LENGTH_PENALTY = 1.0  # hypothesis score: sum(log p) / length ** this
     cfg.MODEL.CAPTION.USE_CACHE = True  # decode with the image side computed once and cached text keys/values
+    cfg.TEST.CAPTION_SPICE = False  # add SPICE to caption metrics (first use downloads Stanford CoreNLP)
     return cfg

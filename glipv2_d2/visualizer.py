@@ -10,7 +10,13 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import VisImage, Visualizer
 
-__all__ = ["LabelFittingVisualizer", "category_color", "draw_grounded_detections", "near_identical_groups"]
+__all__ = [
+    "LabelFittingVisualizer",
+    "category_color",
+    "draw_caption",
+    "draw_grounded_detections",
+    "near_identical_groups",
+]
 
 NEAR_IDENTICAL_IOU = 0.9  # boxes overlapping this much are drawn once, with all their labels
 MIN_PICTURE_SIDE = 640  # small images are drawn enlarged, so that labels cover less of them
@@ -82,7 +88,7 @@ def draw_grounded_detections(image_bgr: np.ndarray, instances: Instances, score_
     pred_boxes, scores, pred_classes, pred_phrases, and pred_masks when the model segments): colour
     by category, masks filled in their box's colour, near-identical boxes drawn once with one label
     line per detection."""
-    keep = instances[instances.scores >= score_threshold]
+    keep = instances[(instances.scores >= score_threshold).cpu().numpy()]
     groups = near_identical_groups(keep.pred_boxes, keep.scores)
     boxes = [keep.pred_boxes.tensor[group[0]].tolist() for group in groups]
     labels = ["\n".join(f"{keep.pred_phrases[i]} {float(keep.scores[i]):.2f}" for i in group) for group in groups]
@@ -93,3 +99,15 @@ def draw_grounded_detections(image_bgr: np.ndarray, instances: Instances, score_
     drawn = visualizer.overlay_instances(boxes=np.asarray(boxes).reshape(-1, 4), labels=labels, masks=masks,
                                          assigned_colors=colors)
     return drawn.get_image()
+
+
+def draw_caption(image_bgr: np.ndarray, caption: str, instances: Instances) -> np.ndarray:
+    """The RGB picture of a generated caption, written at the top left, over its grounded phrases'
+    boxes (Instances as ``draw_grounded_detections`` takes them, every one drawn)."""
+    picture = draw_grounded_detections(image_bgr, instances, score_threshold=0.0)
+    visualizer = Visualizer(picture)
+    font_size = visualizer._default_font_size
+    visualizer.draw_text(caption or "(empty caption)", (font_size * 0.5, font_size * 0.5),
+                         horizontal_alignment="left", color="w", font_size=font_size)
+    return visualizer.output.get_image()
+

@@ -12,6 +12,11 @@ CPU smoke run of the small quick-start model (its 128-token limit splits the COC
 the override raises it):
   python tools/benchmark.py --config-file configs/quickstart/demo.yaml --device cpu --iters 2 --warmup 1 \
       --height 256 --width 320 --precision fp32,bf16 MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256
+Caption decoding speed (--caption-decoding): fp32 greedy captions of exactly --caption-tokens tokens
+per image, decoded with the cache (image side once, cached text keys/values) and by recomputing the
+whole model at every step; a config without a CaptionHead gets one (random LM weights: speed only):
+  python tools/benchmark.py --config-file configs/quickstart/demo.yaml --device cpu --precision fp32 \
+      --iters 2 --warmup 1 --height 256 --width 320 --caption-decoding --json out/bench_caption.json
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch import nn
 from glipv2_d2.checkpoint import GLIPv2Checkpointer
 from glipv2_d2.config import setup_cfg
 from glipv2_d2.data.prompt_builder import PromptBuilder
+from glipv2_d2.modeling.caption import CaptionDecodingOptions
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COCO_NAMES = [c["name"] for c in COCO_CATEGORIES if c["isthing"] == 1]
@@ -60,20 +66,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     parser.add_argument("--profile-stages", action="store_true",
                         help="also time each stage (fp32) to see where the time goes")
+    parser.add_argument("--caption-decoding", action="store_true",
+                        help="also time caption decoding, cached and recomputed (fp32)")
+    parser.add_argument("--caption-tokens", type=int, default=20, help="tokens per timed caption")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
     unknown = [p for p in args.precision if p not in PRECISIONS]
     if unknown or not args.precision:
         parser.error(f"--precision: unknown {unknown}; choose among {', '.join(PRECISIONS)}")
-    if min(args.batch_size, args.iters, args.height, args.width) < 1 or args.warmup < 0:
-        parser.error("--batch-size, --iters, --height and --width must be >= 1 and --warmup >= 0")
+    if min(args.batch_size, args.iters, args.height, args.width, args.caption_tokens) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --iters, --height, --width and --caption-tokens must be >= 1 and --warmup >= 0")
     return args
 
 
 def setup(args: argparse.Namespace) -> tuple[CfgNode, nn.Module]:
     """Build the model the way the other tools do, so the benchmark times what they run."""
-    cfg = setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", args.device])
+    cfg = setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", args.device], freeze=False)
+    if args.caption_decoding and "CaptionHead" not in cfg.MODEL.GLIPV2.TASK_HEADS:
+        cfg.MODEL.GLIPV2.TASK_HEADS = [*cfg.MODEL.GLIPV2.TASK_HEADS, "CaptionHead"]
+    cfg.freeze()
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
     torch.manual_seed(SEED)
     model = build_model(cfg).eval()
@@ -187,6 +199,30 @@ def profile_stages(model: nn.Module, inputs: list[dict], device: str, iters: int
     return {stage: 1000 * seconds / iters for stage, seconds in totals.items()}
 
 
+def time_caption_decoding(model: nn.Module, inputs: list[dict], device: str, tokens: int, iters: int,
+                          warmup: int) -> list[dict]:
+    """fp32 greedy decoding of ``tokens``-token captions, cached and recomputed: tokens/s and ms per
+    caption (the batch's captions are decoded together; grounding included)."""
+    options = CaptionDecodingOptions(max_length=tokens, min_length=tokens)
+    images = [{k: v for k, v in x.items() if k != "prompt"} for x in inputs]
+    rows = []
+    with torch.inference_mode():
+        for mode, use_cache in (("cached", True), ("recompute", False)):
+            times = []
+            for step in range(warmup + iters):
+                synchronize(device)
+                start = time.perf_counter()
+                model.generate_captions(images, options, use_cache=use_cache)
+                synchronize(device)
+                if step >= warmup:
+                    times.append(time.perf_counter() - start)
+            seconds = statistics.fmean(times)
+            rows.append({"decoding": mode, "tokens_per_caption": tokens, "batch_size": len(images),
+                         "tokens_per_s": tokens * len(images) / seconds,
+                         "ms_per_caption": 1000 * seconds / len(images)})
+    return rows
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -238,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(base | time_precision(model, inputs, args.device, precision, args.iters, args.warmup,
                                               rss_at_start))
     stages = profile_stages(model, inputs, args.device, args.iters, args.warmup) if args.profile_stages else None
+    decoding = (time_caption_decoding(model, inputs, args.device, args.caption_tokens, args.iters, args.warmup)
+                if args.caption_decoding else None)
 
     print(f"\nconfig {args.config_file}, {len(COCO_NAMES)} COCO names in one prompt, "
           f"{args.warmup} warm-up + {args.iters} timed iterations\n")
@@ -251,11 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n| stage (fp32) | ms/batch | share |\n|---|---|---|")
         for stage, ms in stages.items():
             print(f"| {stage} | {ms:.1f} | {100 * ms / total:.0f}% |")
+    if decoding:
+        print(f"\n| caption decoding (fp32, {args.caption_tokens} tokens) | tokens/s | ms/caption |\n|---|---|---|")
+        for row in decoding:
+            print(f"| {row['decoding']} | {row['tokens_per_s']:.1f} | {row['ms_per_caption']:.1f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {"config": args.config_file, "opts": args.opts, "weights": args.weights or cfg.MODEL.WEIGHTS,
                   "device": args.device, "iters": args.iters, "warmup": args.warmup, "memory_metric": memory_label,
-                  "rows": rows, "skipped": skipped, "notes": notes, "stages_ms": stages}
+                  "rows": rows, "skipped": skipped, "notes": notes, "stages_ms": stages,
+                  "caption_decoding": decoding}
         args.json.write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")
     return 0

@@ -7,6 +7,9 @@ Examples:
   python tools/demo.py --config-file configs/glipv2_T.yaml --input photos/ \
       --caption "a man throwing a frisbee to his dog" --phrases "man,frisbee,dog" --output out/
 
+  python tools/demo.py --task caption --config-file configs/caption/glipv2_T_caption.yaml \
+      --input photo.jpg --output out/ MODEL.WEIGHTS weights/glipv2_T_caption.pth
+
 Input a.jpg is drawn to <output>/a.jpg.png with its detections in <output>/a.jpg.json (a.png gives
 a.png.png, so inputs sharing a stem never share outputs; equal file names from different folders get
 -2, -3, ...). --output may not be a folder that holds an input, so originals are never overwritten.
@@ -21,6 +24,11 @@ detection per box:
   "mask_rle"  only for models that segment (MODEL.MASK_ON): the box's mask at the input image's
               size as COCO RLE, {"size": [height, width], "counts": str}; decode it with
               pycocotools.mask.decode({"size": size, "counts": counts.encode()})
+
+With --task caption (a captioning model; --beam-size, --max-length, --min-length, --length-penalty
+override its MODEL.CAPTION decoding) the picture shows the generated caption over its grounded
+phrases' boxes, and the JSON is {"image", "caption", "score", "phrases": [...], "words": [...]}, each
+phrase and word {"text", "span": [start, end) in the caption, "box_xyxy", "score"}.
 """
 
 # ruff: noqa: E402  (the warning filters below must precede the imports that warn)
@@ -48,19 +56,22 @@ from glipv2_d2.checkpoint import CheckpointMismatchError
 from glipv2_d2.config import setup_cfg
 from glipv2_d2.data.datasets import coco_category_metadata, register_all_glipv2_datasets
 from glipv2_d2.engine.predictor import GLIPv2Predictor
-from glipv2_d2.visualizer import draw_grounded_detections
+from glipv2_d2.visualizer import draw_caption, draw_grounded_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 BUILTIN_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
+TASKS = ("detect", "caption")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
+    parser.add_argument("--task", choices=TASKS, default="detect",
+                        help="detect: ground a prompt; caption: generate a grounded caption (no prompt)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image files and/or folders of images")
     source.add_argument("--builtin-image", choices=BUILTIN_IMAGES, help="a photo shipped with scikit-image")
-    text = parser.add_mutually_exclusive_group(required=True)
+    text = parser.add_mutually_exclusive_group()
     text.add_argument("--categories", help="comma-separated category names (detection prompt)")
     text.add_argument("--caption", help="a free-form sentence to ground")
     text.add_argument("--dataset", help="use the category names of this registered dataset as the prompt")
@@ -72,6 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder for <image file name>.png and .json; not a folder holding an input")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="draw boxes scoring at least this")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    decoding = parser.add_argument_group("caption decoding (--task caption)")
+    decoding.add_argument("--beam-size", type=int)
+    decoding.add_argument("--max-length", type=int, help="most generated tokens, end token included")
+    decoding.add_argument("--min-length", type=int)
+    decoding.add_argument("--length-penalty", type=float)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return parser.parse_args(argv)
 
@@ -160,8 +176,28 @@ def detections_to_json(instances: Instances) -> list[dict]:
     return detections
 
 
+def spans_to_json(spans) -> list[dict]:
+    """Grounded words or phrases of a caption as the JSON of --task caption (module doc)."""
+    return [{"text": s.text, "span": list(s.span), "box_xyxy": [round(v, 2) for v in s.box], "score": round(s.score, 4)}
+            for s in spans]
+
+
+def caption_outputs(predictor: GLIPv2Predictor, bgr: np.ndarray, args: argparse.Namespace) -> tuple[np.ndarray, dict]:
+    """--task caption: the drawn picture and the JSON record of one image."""
+    result = predictor.caption(bgr, beam_size=args.beam_size, max_length=args.max_length,
+                               min_length=args.min_length, length_penalty=args.length_penalty)
+    record = {"caption": result["caption"], "score": round(result["caption_score"], 4),
+              "phrases": spans_to_json(result["caption_phrases"]), "words": spans_to_json(result["caption_words"])}
+    return draw_caption(bgr, result["caption"], result["instances"]), record
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    prompt_given = any((args.categories, args.caption, args.dataset, args.categories_json))
+    if prompt_given == (args.task == "caption"):
+        print("error: --task caption takes no prompt; --task detect needs one of --categories, --caption, "
+              "--dataset, --categories-json", file=sys.stderr)
+        return 2
     if args.dataset:
         register_all_glipv2_datasets()
         prompt = list(MetadataCatalog.get(args.dataset).thing_classes)
@@ -192,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError) as error:
                 print(f"error: skipped {image}: {error}", file=sys.stderr)
                 failed.append(str(image))
+                continue
+            if args.task == "caption":
+                picture, record = caption_outputs(predictor, bgr, args)
+                Image.fromarray(picture).save(out_dir / f"{name}.png")
+                record = {"image": str(image) if isinstance(image, Path) else name, **record}
+                (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
+                print(f"{image}: {record['caption']!r} -> {out_dir / name}.png / .json")
                 continue
             instances = predictor(bgr, prompt, phrases=phrases)
             drawn = int((instances.scores >= args.score_threshold).sum())

@@ -35,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..modeling.language import build_tokenizer
 from ..utils.seeding import derived_seed
+from .caption_mapper import CaptionMapper
 from .grounding_mapper import GroundingMapper
 from .mappers import DetectionGroundingMapper
 
@@ -54,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRAIN_TASKS = ("detection", "grounding", "caption")
+TRAIN_TASKS = ("detection", "grounding", "caption", "captioning")
 # First word of the seeds of RatioOrder's generators: NumPy's SeedSequence pads its entropy with
 # zeros, so [seed, k] and [seed, k, 0] would give the same numbers without distinct tags.
 _PICK_TAG = 0x5049434B
@@ -234,6 +235,8 @@ def build_train_mapper(
         return DetectionGroundingMapper(cfg, is_train=True, tokenizer=tokenizer, dataset_names=[dataset_name])
     if task in ("grounding", "caption"):
         return GroundingMapper(cfg, is_train=True, tokenizer=tokenizer)
+    if task == "captioning":  # image-caption pairs without boxes, for the language model (caption mode)
+        return CaptionMapper(cfg, is_train=True, tokenizer=tokenizer)
     raise ValueError(f"no training mapper for task {task!r} of dataset {dataset_name!r}")
 
 

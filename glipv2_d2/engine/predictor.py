@@ -4,6 +4,7 @@ A prompt is either a list of category names (detection; vocabularies that exceed
 are split into chunks, each run as its own prompt, and the detections merged per image, keeping
 the best TEST.DETECTIONS_PER_IMAGE by score as official GLIP's chunked evaluation does) or a
 free-form caption whose phrases are given as strings or character spans (grounding).
+``caption`` / ``caption_batch`` generate grounded captions with a captioning model (a CaptionHead).
 """
 
 from collections.abc import Iterable, Sequence
@@ -86,13 +87,50 @@ class GLIPv2Predictor:
             return read_image(image, format="BGR")
         return array_to_bgr(image, input_format)
 
-    def _model_input(self, image: np.ndarray, prompt: Prompt) -> dict:
+    def caption(self, image: ImageInput, input_format: str = "BGR", **decoding) -> dict:
+        """One image's generated caption: see ``caption_batch``."""
+        return self.caption_batch([image], input_format, **decoding)[0]
+
+    @torch.no_grad()
+    def caption_batch(
+        self,
+        images: Sequence[ImageInput],
+        input_format: str = "BGR",
+        *,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        min_length: int | None = None,
+        length_penalty: float | None = None,
+        use_cache: bool | None = None,
+    ) -> list[dict]:
+        """Caption every image (cfg.MODEL.CAPTION's decoding unless overridden here; invalid options
+        raise ValueError before any image is read). Each result: "caption", "caption_score",
+        "caption_ended", "caption_tokens", "caption_words" / "caption_phrases" (grounded with a
+        box in input-image pixels and a score each) and "instances" (one box per phrase, with
+        pred_phrases), as ``glipv2_d2.modeling.caption.generate`` describes."""
+        head = self.model.task_heads["CaptionHead"] if "CaptionHead" in self.model.task_heads else None
+        if head is None:
+            raise ValueError("this model has no CaptionHead (MODEL.GLIPV2.TASK_HEADS): it cannot caption")
+        options = head.options.updated(
+            beam_size=beam_size, max_length=max_length, min_length=min_length, length_penalty=length_penalty
+        )
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            inputs = [self._model_input(self.load_image(image, input_format), None)
+                      for image in images[start:start + self.batch_size]]
+            results += self.model.generate_captions(inputs, options, use_cache)
+        for result in results:
+            result["instances"] = result["instances"].to("cpu")
+        return results
+
+    def _model_input(self, image: np.ndarray, prompt: Prompt | None) -> dict:
         height, width = image.shape[:2]
         resized = self.resize.get_transform(image).apply_image(image)
         if self.model.input_format == "RGB":
             resized = resized[:, :, ::-1]
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        return {"image": tensor, "height": height, "width": width, "prompt": prompt}
+        model_input = {"image": tensor, "height": height, "width": width}
+        return model_input if prompt is None else {**model_input, "prompt": prompt}
 
     @torch.no_grad()
     def _predict(self, images: list[np.ndarray], prompts_per_image: list[list[Prompt]]) -> list[Instances]:

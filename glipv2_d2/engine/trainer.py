@@ -9,7 +9,7 @@ import weakref
 import numpy as np
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -28,15 +28,19 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import GLIPv2Checkpointer
 from ..data.build import ResumableDrawSampler, build_resumable_train_loader
+from ..data.caption_mapper import CaptionMapper
+from ..data.datasets import CAPTION_EVALUATOR_TYPE
 from ..data.grounding_mapper import GroundingMapper
 from ..data.mappers import DetectionGroundingMapper
 from ..data.prompt_builder import PromptBuilder
 from ..evaluation import (
+    CaptionEvaluator,
     Flickr30kGroundingEvaluator,
     LVISFixedAPEvaluator,
     NumpyCompatibleLVISEvaluator,
     PhraseCutEvaluator,
     PromptedDetector,
+    most_frequent_caption,
 )
 from ..utils.seeding import derived_seed
 from .ema import EMAHook, ModelEMA
@@ -53,6 +57,24 @@ def is_grounding_test_set(dataset_name: str) -> bool:
     with a vocabulary prompt."""
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
     return evaluator_type in (GROUNDING_EVALUATOR_TYPE, REFERRING_EVALUATOR_TYPE)
+
+
+def is_caption_test_set(dataset_name: str) -> bool:
+    """Caption test sets are read image by image with their reference captions, no prompt."""
+    return MetadataCatalog.get(dataset_name).get("evaluator_type") == CAPTION_EVALUATOR_TYPE
+
+
+def training_captions(cfg: CfgNode) -> list[str]:
+    """Every caption of cfg.DATASETS.TRAIN (references of caption sets, sentences of grounding
+    sets): the most frequent one is the captioning baseline."""
+    captions = []
+    for name in cfg.DATASETS.TRAIN:
+        for record in DatasetCatalog.get(name):
+            if "captions" in record:
+                captions.extend(record["captions"])
+            elif "caption" in record:
+                captions.append(record["caption"])
+    return captions
 
 
 class PerIterationSeed(HookBase):
@@ -154,6 +176,8 @@ class GLIPv2Trainer(DefaultTrainer):
         ground truth); detection sets get the dataset's vocabulary prompt."""
         if is_grounding_test_set(dataset_name):
             mapper = GroundingMapper(cfg, is_train=False)
+        elif is_caption_test_set(dataset_name):
+            mapper = CaptionMapper(cfg, is_train=False)
         else:
             mapper = DetectionGroundingMapper(cfg, is_train=False, dataset_names=[dataset_name])
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
@@ -163,7 +187,9 @@ class GLIPv2Trainer(DefaultTrainer):
         """COCO AP; for LVIS-type sets LVIS AP (fixed AP when cfg.TEST.LVIS_FIXED_AP); for Flickr30K-type
         sets phrase-grounding Recall@k, on merged boxes when the metadata's "gt_type" is "merged" (as
         the glipv2_flickr30k_merged_* registrations say) and on any single box otherwise; for
-        PhraseCut-type sets see build_referring_evaluator. With MODEL.MASK_ON, AP is also mask AP."""
+        PhraseCut-type sets see build_referring_evaluator; for caption-type sets BLEU, METEOR, ROUGE-L,
+        CIDEr (SPICE with TEST.CAPTION_SPICE) next to the most frequent training caption. With
+        MODEL.MASK_ON, AP is also mask AP."""
         metadata = MetadataCatalog.get(dataset_name)
         evaluator_type = metadata.get("evaluator_type", "coco")
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
@@ -171,6 +197,10 @@ class GLIPv2Trainer(DefaultTrainer):
             return Flickr30kGroundingEvaluator(merge_boxes=metadata.get("gt_type") == "merged")
         if evaluator_type == REFERRING_EVALUATOR_TYPE:
             return cls.build_referring_evaluator(cfg, dataset_name, output_folder)
+        if evaluator_type == CAPTION_EVALUATOR_TYPE:
+            captions = training_captions(cfg)
+            baseline = most_frequent_caption(captions) if captions else None
+            return CaptionEvaluator(baseline, use_spice=cfg.TEST.CAPTION_SPICE)
         if evaluator_type == "lvis" and cfg.TEST.LVIS_FIXED_AP:
             return LVISFixedAPEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
         if evaluator_type == "lvis":
@@ -216,7 +246,7 @@ class GLIPv2Trainer(DefaultTrainer):
     def _evaluated_model(cfg: CfgNode, model: nn.Module, dataset_name: str) -> nn.Module:
         """Grounding inputs already carry their caption's prompt; detection inputs get the dataset's
         vocabulary as prompts, built as training and the predictor build theirs."""
-        if is_grounding_test_set(dataset_name):
+        if is_grounding_test_set(dataset_name) or is_caption_test_set(dataset_name):
             return model
         names = MetadataCatalog.get(dataset_name).thing_classes
         return PromptedDetector(model, PromptBuilder(cfg, model.tokenizer).categories(names))

@@ -1,5 +1,6 @@
 """Evaluation of grounded detectors with Detectron2's evaluators."""
 
+from .captioning import CaptionEvaluator, most_frequent_caption
 from .flickr30k import Flickr30kGroundingEvaluator
 from .lvis_fixed_ap import (
     LVISFixedAPEvaluator,
@@ -11,6 +12,7 @@ from .phrasecut import PhraseCutEvaluator
 from .prompted_inference import PromptedDetector
 
 __all__ = [
+    "CaptionEvaluator",
     "Flickr30kGroundingEvaluator",
     "LVISFixedAPEvaluator",
     "NumpyCompatibleLVISEvaluator",
@@ -18,4 +20,5 @@ __all__ = [
     "PromptedDetector",
     "keep_top_per_category",
     "lvis_numpy_float_alias",
+    "most_frequent_caption",
 ]

@@ -7,6 +7,7 @@ with ``register_quickstart_datasets``.
 
 import os
 
+from .captions import register_synthetic_captions
 from .grounding import pseudo_label_synthetic, register_synthetic_grounding
 from .lvis_format import coco_to_lvis, register_synthetic_lvis
 from .referring import register_synthetic_referring
@@ -26,6 +27,7 @@ __all__ = [
     "generate_synthetic_shapes",
     "pseudo_label_synthetic",
     "register_quickstart_datasets",
+    "register_synthetic_captions",
     "register_synthetic_grounding",
     "register_synthetic_lvis",
     "register_synthetic_referring",
@@ -37,8 +39,9 @@ def register_quickstart_datasets(root: str | os.PathLike | None = None) -> None:
     """(Re-)register every synthetic set over the shapes under `root` (default
     $DETECTRON2_DATASETS/glipv2_synthetic): glipv2_synthetic_{train,val,heldout},
     glipv2_synthetic_lvis_val, glipv2_synthetic_grounding_{train,val}, glipv2_synthetic_referring_{train,val}
-    and glipv2_synthetic_caption_train."""
+    glipv2_synthetic_caption_train and glipv2_synthetic_captions_val."""
     register_synthetic_shapes(root)
     register_synthetic_lvis("val")
     register_synthetic_grounding(root)
+    register_synthetic_captions(root)
     register_synthetic_referring(root)
