@@ -23,5 +23,6 @@ setup(
         "opencv-python-headless",
         "Pillow",
         "safetensors",
+        "open-clip-torch>=3.3",
     ],
 )

@@ -25,6 +25,7 @@ OFFICIAL_PREFIX_RULES: tuple[tuple[str, str], ...] = (
     (r"^backbone\.fpn\.fpn_layer(\d+)\.", "backbone.fpn_output{+1}."),
     (r"^backbone\.fpn\.top_blocks\.", "backbone.top_block."),
     (r"^language_backbone\.body\.model\.", "language_backbone.model."),
+    (r"^language_backbone\.body\.", "language_backbone.model."),  # CLIP type: the body is the model
     (r"^rpn\.head\.dyhead_tower\.(\d+)\.", "fusion.layers.{tower}."),
     (r"^rpn\.head\.mlm_head\.", "mlm_head."),
     (r"^rpn\.head\.", "head."),

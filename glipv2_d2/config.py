@@ -112,6 +112,15 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.LANGUAGE_BACKBONE.PAD_MAX = False
     cfg.MODEL.LANGUAGE_BACKBONE.FREEZE = False  # keep the text encoder fixed in training
 
+    # The CLIP-type text transformer of GLIPv2-B / -H (LANGUAGE_BACKBONE.NAME
+    # "build_clip_language_backbone", TOKENIZER "clip", GLIPV2.FUSION "VLDyHeadTowerClipText").
+    cfg.MODEL.CLIP = CN()
+    cfg.MODEL.CLIP.WIDTH = 512  # token width of the text transformer (the fusion's text width)
+    cfg.MODEL.CLIP.LAYERS = 12  # pre-LN blocks (LANGUAGE_BACKBONE.NUM_HIDDEN_LAYERS > 0 overrides)
+    cfg.MODEL.CLIP.HEADS = 8  # attention heads of each block, and of the fusion's text layers
+    cfg.MODEL.CLIP.CONTEXT_LENGTH = 256  # rows of the positional table (UniCL's 77 are interpolated to it)
+    cfg.MODEL.CLIP.VOCAB_SIZE = 49408  # CLIP BPE vocabulary (token embedding and MLM decoder rows)
+
     cfg.MODEL.DYHEAD = CN()
     cfg.MODEL.DYHEAD.NUM_LAYERS = 6  # VL-DyHead layers (official NUM_CONVS)
     cfg.MODEL.DYHEAD.CHANNELS = 256  # width of the fused image features

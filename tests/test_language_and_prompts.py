@@ -42,8 +42,14 @@ COCO_LIKE = ["person", "bicycle", "traffic light", "fire_hydrant", "hot dog", "t
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def bert_tokenizer():
     return build_tokenizer("bert-base-uncased")
+
+
+@pytest.fixture(scope="module", params=["bert-base-uncased", "clip"])
+def tokenizer(request):
+    """Every prompt test runs with GLIPv2-T's WordPiece and GLIPv2-B / -H's CLIP BPE tokenizer."""
+    return build_tokenizer(request.param)
 
 
 def _decode(tokenizer, ids, indices):
@@ -53,13 +59,13 @@ def _decode(tokenizer, ids, indices):
 # --- text encoder -----------------------------------------------------------------------------
 
 
-def test_tiny_encoder_matches_bertmodel_and_masks_padding(tokenizer):
+def test_tiny_encoder_matches_bertmodel_and_masks_padding(bert_tokenizer):
     torch.manual_seed(0)
     encoder = BertTextEncoder(TINY, num_last_layers=1).eval()
     assert encoder.hidden_size == 32 and encoder.num_layers == 2
     assert "model.encoder.layer.1.output.dense.weight" in encoder.state_dict()
     assert not any(k.startswith("model.pooler") for k in encoder.state_dict())
-    tok = tokenize_prompts(tokenizer, ["person. bicycle", "a cat"], max_len=16, pad_to_max=True)
+    tok = tokenize_prompts(bert_tokenizer, ["person. bicycle", "a cat"], max_len=16, pad_to_max=True)
     with torch.no_grad():
         out = encoder(tok["input_ids"], tok["attention_mask"])
         ref = encoder.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
@@ -88,12 +94,12 @@ def test_num_last_layers_reproduces_official_double_division():
         BertTextEncoder(TINY, num_last_layers=3)
 
 
-def test_padding_to_longest_equals_padding_to_max(tokenizer):
+def test_padding_to_longest_equals_padding_to_max(bert_tokenizer):
     torch.manual_seed(0)
     encoder = BertTextEncoder(TINY).eval()
     captions = ["person. bicycle. traffic light", "dog"]
-    short = tokenize_prompts(tokenizer, captions, max_len=32, pad_to_max=False)
-    full = tokenize_prompts(tokenizer, captions, max_len=32, pad_to_max=True)
+    short = tokenize_prompts(bert_tokenizer, captions, max_len=32, pad_to_max=False)
+    full = tokenize_prompts(bert_tokenizer, captions, max_len=32, pad_to_max=True)
     with torch.no_grad():
         a = encoder(short["input_ids"], short["attention_mask"])
         b = encoder(full["input_ids"], full["attention_mask"])
@@ -125,10 +131,10 @@ def test_text_depth_comes_from_config():
     assert encoder.num_layers == 3 and encoder.hidden_size == 384
 
 
-def test_pretrained_minilm_folder_runs_offline(tokenizer):
+def test_pretrained_minilm_folder_runs_offline(bert_tokenizer):
     encoder = build_language_backbone(_language_cfg("minilm", True)).eval()
     assert encoder.hidden_size == 384 and encoder.num_layers == 6
-    tok = tokenize_prompts(tokenizer, ["a person riding a bicycle", "a dog"], max_len=32)
+    tok = tokenize_prompts(bert_tokenizer, ["a person riding a bicycle", "a dog"], max_len=32)
     with torch.no_grad():
         out = encoder(tok["input_ids"], tok["attention_mask"])
         ref = BertModel.from_pretrained(str(minilm_model_dir()), add_pooling_layer=False).eval()(
@@ -146,14 +152,14 @@ def test_missing_bert_folder_is_named():
 # --- tokenizer --------------------------------------------------------------------------------
 
 
-def test_tokenizer_offline_name_and_folder(tokenizer):
+def test_tokenizer_offline_name_and_folder(bert_tokenizer):
     from_folder = build_tokenizer(str(minilm_model_dir()))
-    for tk in (tokenizer, from_folder):
+    for tk in (bert_tokenizer, from_folder):
         assert tk.is_fast and len(tk) == 30522
         assert tk.convert_tokens_to_ids(["[CLS]", "[SEP]", "[PAD]", "[MASK]"]) == [101, 102, 0, 103]
         assert tk.tokenize("Traffic Light") == ["traffic", "light"]
     long = " ".join(["word"] * 300)
-    assert len(tokenizer(long)["input_ids"]) == 302, "the folder's 128-token truncation must not leak"
+    assert len(bert_tokenizer(long)["input_ids"]) == 302, "the folder's 128-token truncation must not leak"
 
 
 def test_tokenizer_errors_name_input(tmp_path):
@@ -209,7 +215,8 @@ def test_token_map_for_coco_names(tokenizer):
 
 def test_free_form_caption_prompt_has_no_categories(tokenizer):
     prompt = PromptBuilder(tokenizer).caption("a man throws a frisbee", phrases=["man", "frisbee"])
-    assert prompt.label_to_tokens == {0: [2], 1: [5, 6, 7]} and prompt.label_names == {0: "man", 1: "frisbee"}
+    frisbee = [5] if tokenizer.bos_token == "<|startoftext|>" else [5, 6, 7]  # one CLIP BPE token, 3 WordPieces
+    assert prompt.label_to_tokens == {0: [2], 1: frisbee} and prompt.label_names == {0: "man", 1: "frisbee"}
     assert not prompt.names_categories and (prompt.token_categories == -1).all()
     with pytest.raises(ValueError, match="exceeds the 4-token limit"):
         PromptBuilder(tokenizer, max_query_len=4).caption("a man throws a frisbee")
@@ -264,8 +271,11 @@ def test_tokenize_prompts_errors_and_padding(tokenizer):
     assert tokenize_prompts(tokenizer, ["person"], max_len=10, pad_to_max=True)["input_ids"].shape == (1, 10)
     with pytest.raises(ValueError, match=r"caption #1 is empty"):
         tokenize_prompts(tokenizer, ["person", "   "], max_len=10)
-    with pytest.raises(ValueError, match=r"caption #0 '\\u200b' tokenizes to no token"):
-        tokenize_prompts(tokenizer, ["\u200b"], max_len=10)
+    if tokenizer.bos_token == "<|startoftext|>":  # byte-level BPE has a token for every non-blank character
+        assert tokenize_prompts(tokenizer, ["\u200b"], max_len=10)["attention_mask"].sum() == 3
+    else:
+        with pytest.raises(ValueError, match=r"caption #0 '\\u200b' tokenizes to no token"):
+            tokenize_prompts(tokenizer, ["\u200b"], max_len=10)
 
 
 def test_chunking_covers_everything_and_fits(tokenizer):

@@ -36,9 +36,10 @@ DATASET = "glipv2_test_mapper_synthetic"
 WIDTH, HEIGHT = 64, 48
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer("bert-base-uncased")
+@pytest.fixture(scope="module", params=["bert-base-uncased", "clip"])
+def tokenizer(request):
+    """Every prompt test runs with GLIPv2-T's WordPiece and GLIPv2-B / -H's CLIP BPE tokenizer."""
+    return build_tokenizer(request.param)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -154,7 +155,7 @@ def test_train_output_contract(tokenizer, image_file):
     assert out["image"].dtype == torch.uint8 and out["image"].shape == (3, HEIGHT, WIDTH)
     ids, mask = out["prompt"].input_ids, out["prompt"].attention_mask
     assert ids.dtype == mask.dtype == torch.int64 and ids.dim() == 1 and mask.all()  # no padding
-    assert ids[-1] == tokenizer.sep_token_id
+    assert ids[-1] == (tokenizer.sep_token_id or tokenizer.eos_token_id)  # BERT [SEP], CLIP <|endoftext|>
     assert set(_names_in(out["prompt"].caption)) >= {"traffic light", "fire hydrant"}
     assert set(out["prompt"].label_to_tokens) == {LABEL_OF[name] for name in _names_in(out["prompt"].caption)}
     inst = out["instances"]

@@ -8,7 +8,7 @@ from glipv2_d2.engine.predictor import GLIPv2Predictor
 from glipv2_d2.engine.trainer import GLIPv2Trainer
 
 from .conftest import half_red_half_blue_png
-from .tiny_model import tiny_cfg
+from .tiny_model import tiny_cfg, tiny_clip_cfg
 
 NAMES = ["red circle", "blue square", "green triangle", "yellow star"]
 SEPARATOR = " ; "
@@ -29,8 +29,9 @@ def dataset(tmp_path_factory):
     MetadataCatalog.remove(DATASET)
 
 
-def test_separator_is_shared_by_training_evaluation_and_predictor(dataset):
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("make_cfg", [tiny_cfg, tiny_clip_cfg], ids=["bert", "clip"])
+def test_separator_is_shared_by_training_evaluation_and_predictor(dataset, make_cfg):
+    cfg = make_cfg()
     cfg.DATASETS.SEPARATOR = SEPARATOR
     cfg.DATASETS.TRAIN = (DATASET,)
     cfg.DATASETS.TEST = (DATASET,)
@@ -46,7 +47,7 @@ def test_separator_is_shared_by_training_evaluation_and_predictor(dataset):
     trained = DetectionGroundingMapper(cfg, is_train=True)(dataset, seed=0)["prompt"]
     parts = trained.caption.split(SEPARATOR)
     assert len(parts) > 1 and set(parts) <= set(NAMES) and {"blue square", "yellow star"} <= set(parts)
-    default = tiny_cfg()
+    default = make_cfg()
     default.DATASETS.TRAIN = (DATASET,)
     untouched = DetectionGroundingMapper(default, is_train=True)(dataset, seed=0)["prompt"]
     assert untouched.caption == trained.caption.replace(SEPARATOR, ". ")

@@ -29,3 +29,21 @@ def tiny_cfg() -> CfgNode:
     cfg.INPUT.MIN_SIZE_TEST = 128
     cfg.INPUT.MAX_SIZE_TEST = 192
     return cfg
+
+
+# The CLIP-type text side of GLIPv2-B / -H at tiny size: 2 blocks of width 32.
+CLIP_TEXT_OVERRIDES = [
+    "MODEL.LANGUAGE_BACKBONE.NAME", "build_clip_language_backbone",
+    "MODEL.LANGUAGE_BACKBONE.TOKENIZER", "clip",
+    "MODEL.LANGUAGE_BACKBONE.LOAD_PRETRAINED", False,
+    "MODEL.LANGUAGE_BACKBONE.NUM_HIDDEN_LAYERS", 0,
+    "MODEL.CLIP.WIDTH", 32, "MODEL.CLIP.LAYERS", 2, "MODEL.CLIP.HEADS", 4, "MODEL.CLIP.CONTEXT_LENGTH", 128,
+    "MODEL.GLIPV2.FUSION", "VLDyHeadTowerClipText",
+]
+
+
+def tiny_clip_cfg() -> CfgNode:
+    """``tiny_cfg`` with a B-style text side: the CLIP tokenizer and a 2-block CLIP-type encoder."""
+    cfg = tiny_cfg()
+    cfg.merge_from_list(CLIP_TEXT_OVERRIDES)
+    return cfg

