@@ -15,7 +15,7 @@ def evaluator():
 def test_bleu1_of_one_sentence_is_clipped_precision_times_the_brevity_penalty(evaluator):
     scores = evaluator.score({1: ["a red circle above a blue square"]}, {1: "A red circle."})
     # 3 of 3 hypothesis words match; hypothesis 3 words, reference 7: BP = exp(1 - 7/3)
-    assert scores["BLEU-1"] == pytest.approx(100 * math.exp(1 - 7 / 3), abs=1e-6)
+    assert scores["Bleu_1"] == pytest.approx(100 * math.exp(1 - 7 / 3), abs=1e-6)
 
 
 def test_cider_of_two_images_follows_the_cider_d_formula(evaluator):
@@ -34,7 +34,7 @@ def test_without_java_the_results_say_so_and_skip_meteor_and_spice():
     results = evaluator.evaluate()["caption"]
     assert results["java_runtime"] == 0.0
     assert "METEOR" not in results and "SPICE" not in results
-    assert results["BLEU-3"] == pytest.approx(100.0, abs=1e-4) and results["ROUGE-L"] == pytest.approx(100.0)
+    assert results["Bleu_3"] == pytest.approx(100.0, abs=1e-4) and results["ROUGE_L"] == pytest.approx(100.0)
 
 
 def test_the_baseline_caption_is_scored_by_the_same_metrics():
@@ -42,8 +42,8 @@ def test_the_baseline_caption_is_scored_by_the_same_metrics():
     evaluator.process([{"image_id": 1, "captions": ["a red circle"]}, {"image_id": 2, "captions": ["a blue square"]}],
                       [{"caption": "a red circle"}, {"caption": "a blue square"}])
     results = evaluator.evaluate()
-    assert results["caption"]["BLEU-1"] == pytest.approx(100.0, abs=1e-4)
-    assert results["caption_baseline"]["BLEU-1"] == pytest.approx(200 / 3, abs=1e-4)  # "a" of image 2 matches
+    assert results["caption"]["Bleu_1"] == pytest.approx(100.0, abs=1e-4)
+    assert results["caption_baseline"]["Bleu_1"] == pytest.approx(200 / 3, abs=1e-4)  # "a" of image 2 matches
     assert results["caption_baseline"]["CIDEr"] < results["caption"]["CIDEr"]
 
 

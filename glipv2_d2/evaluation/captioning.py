@@ -1,5 +1,6 @@
 """Caption metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and optionally SPICE) through pycocoevalcap,
-the COCO caption evaluation code, as a Detectron2 ``DatasetEvaluator``.
+the COCO caption evaluation code, as a Detectron2 ``DatasetEvaluator``. Results use the COCO caption
+names (Bleu_1 .. Bleu_4, METEOR, ROUGE_L, CIDEr, SPICE): Detectron2's summary leaves out names with "-".
 
 Java: pycocoevalcap's PTB tokenizer, METEOR and SPICE run Java programs (their jars ship in the
 pycocoevalcap 1.2 wheel). Without a Java runtime the evaluator says so in its results
@@ -113,8 +114,8 @@ class CaptionEvaluator(DatasetEvaluator):
         res = self._tokenize({i: [predictions[i]] for i in image_ids})
         scores: dict[str, float] = {}
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        scores.update({f"BLEU-{n}": 100.0 * value for n, value in enumerate(bleu, start=1)})
-        scorers = [("ROUGE-L", Rouge()), ("CIDEr", Cider())]
+        scores.update({f"Bleu_{n}": 100.0 * value for n, value in enumerate(bleu, start=1)})
+        scorers = [("ROUGE_L", Rouge()), ("CIDEr", Cider())]
         if self.use_java:
             from pycocoevalcap.meteor.meteor import Meteor
 
