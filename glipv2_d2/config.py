@@ -178,6 +178,12 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.TEST.PROMPT_CHUNK_SIZE = 0  # categories per prompt at evaluation (0: as many as fit)
     cfg.TEST.LVIS_FIXED_AP = False  # LVIS "fixed AP": top 10,000 detections per category over the split
     cfg.TEST.REFERRING_SCORE_THRESHOLD = 0.5  # referring masks: union of a phrase's detections scoring >= this
+    cfg.TEST.PROMPT_FILE = ""  # tuned prompt file replacing the vocabulary prompt in evaluation and the predictor
+
+    # Prompt tuning (official GLIP language_prompt_v2): the training vocabulary's prompt gets a learned
+    # offset on its text-encoder output, every network parameter frozen; writes OUTPUT_DIR/prompt_final.pth.
+    cfg.MODEL.PROMPT_TUNING = CN()
+    cfg.MODEL.PROMPT_TUNING.ENABLED = False  # train the prompt offset alone (tools/train_net.py picks the trainer)
 
     cfg.MODEL.ATSS.REG_LOSS_WEIGHT = 2.0  # weight of the GIoU box loss
     cfg.MODEL.ATSS.FOCAL_ALPHA = 0.25  # alpha of the token sigmoid focal loss

@@ -16,6 +16,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import GLIPv2Checkpointer
 from ..config import check_device_available, setup_cfg
 from ..data.datasets import register_all_glipv2_datasets, register_grounding_coco, unregister_dataset
+from .prompt_tuning_trainer import PromptTuningTrainer
 from .trainer import GLIPv2Trainer
 
 __all__ = ["main", "parse_dataset_entry", "register_config_datasets", "run_from_command_line", "setup"]
@@ -35,6 +36,11 @@ Your own COCO-format data without writing Python: DATASETS.REGISTER names each s
   tools/train_net.py --config-file configs/coco/glipv2_T_finetune.yaml \\
       DATASETS.REGISTER '("mine_train:mine/train.json:mine/images", "mine_val:mine/val.json:mine/images")' \\
       DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)' MODEL.WEIGHTS glip_tiny_model_o365_goldg.pth
+
+Prompt tuning (the network frozen, one prompt learned; writes OUTPUT_DIR/prompt_final.pth), then
+evaluation with the tuned prompt:
+  tools/train_net.py --config-file ... MODEL.PROMPT_TUNING.ENABLED True MODEL.WEIGHTS ...
+  tools/train_net.py --config-file ... --eval-only --prompt-file OUTPUT_DIR/prompt_final.pth MODEL.WEIGHTS ...
 """
 
 
@@ -65,7 +71,8 @@ def register_config_datasets(cfg: CfgNode) -> None:
 
 def setup(args: argparse.Namespace, register_datasets: DatasetRegistration | None = None) -> CfgNode:
     """The resolved config, Detectron2's run setup (output folder, logs, seed) and the datasets."""
-    cfg = setup_cfg(args.config_file, args.opts)
+    prompt_file = getattr(args, "prompt_file", None)
+    cfg = setup_cfg(args.config_file, [*args.opts, *(("TEST.PROMPT_FILE", prompt_file) if prompt_file else ())])
     check_device_available(cfg)
     default_setup(cfg, args)
     # default_setup logs only Detectron2's and fvcore's messages; the project's go to the same log.
@@ -78,7 +85,9 @@ def setup(args: argparse.Namespace, register_datasets: DatasetRegistration | Non
 
 
 def main(args: argparse.Namespace, register_datasets: DatasetRegistration | None = None):
-    """Train (``--resume`` continues the last checkpoint) or, with ``--eval-only``, evaluate MODEL.WEIGHTS."""
+    """Train (``--resume`` continues the last checkpoint; MODEL.PROMPT_TUNING.ENABLED tunes a prompt of
+    the frozen MODEL.WEIGHTS) or, with ``--eval-only``, evaluate MODEL.WEIGHTS (with ``--prompt-file``,
+    read detection sets with that tuned prompt)."""
     cfg = setup(args, register_datasets)
     if args.eval_only:
         model = GLIPv2Trainer.build_model(cfg)
@@ -87,7 +96,7 @@ def main(args: argparse.Namespace, register_datasets: DatasetRegistration | None
         results = GLIPv2Trainer.test(cfg, model)
         verify_results(cfg, results)
         return results
-    trainer = GLIPv2Trainer(cfg)
+    trainer = PromptTuningTrainer(cfg) if cfg.MODEL.PROMPT_TUNING.ENABLED else GLIPv2Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
@@ -97,6 +106,11 @@ def run_from_command_line(register_datasets: DatasetRegistration | None = None, 
     (``register_datasets`` must be a module-level function: worker processes import it)."""
     parser = default_argument_parser()
     parser.description = description
+    parser.add_argument(
+        "--prompt-file",
+        help="a tuned prompt (prompt tuning's prompt_final.pth) read instead of the detection sets' vocabulary "
+        "prompt (sets TEST.PROMPT_FILE)",
+    )
     args = parser.parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args, register_datasets))

@@ -3,10 +3,12 @@
 A prompt is either a list of category names (detection; vocabularies that exceed the token limit
 are split into chunks, each run as its own prompt, and the detections merged per image, keeping
 the best TEST.DETECTIONS_PER_IMAGE by score as official GLIP's chunked evaluation does) or a
-free-form caption whose phrases are given as strings or character spans (grounding).
+free-form caption whose phrases are given as strings or character spans (grounding), or a tuned
+prompt (prompt tuning's file, ``prompt_file=``), read without running the text encoder.
 ``caption`` / ``caption_batch`` generate grounded captions with a captioning model (a CaptionHead).
 """
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from ..data.image_io import array_to_bgr, read_image
 from ..data.prompt_builder import PromptBuilder
 from ..data.transforms import build_test_resize
 from ..evaluation.prompted_inference import merge_chunk_detections
+from ..modeling.prompt_file import check_same_prompt, load_prompt_file
 from ..structures import Prompt
 
 ImageInput = str | Path | np.ndarray
@@ -51,25 +54,46 @@ class GLIPv2Predictor:
         self.resize = build_test_resize(cfg)
         self.batch_size = batch_size
         self.prompt_builder = PromptBuilder(cfg, self.model.tokenizer)
+        self._tuned_prompts: dict[tuple[str, float | None], Prompt] = {}
 
-    def __call__(self, image: ImageInput, prompt: PromptInput, phrases: Sequence[str] | None = None,
-                 spans: Sequence | None = None, input_format: str = "BGR") -> Instances:
+    def __call__(self, image: ImageInput, prompt: PromptInput | Prompt | None = None,
+                 phrases: Sequence[str] | None = None, spans: Sequence | None = None, input_format: str = "BGR",
+                 prompt_file: str | Path | None = None) -> Instances:
+        """``prompt_file``: a tuned prompt (prompt tuning) to read the image with; a category list
+        given too must be the one it was tuned on. Without a prompt, TEST.PROMPT_FILE's is used."""
+        if prompt_file is not None or (prompt is None and self.cfg.TEST.PROMPT_FILE):
+            tuned = self.tuned_prompt(prompt_file or self.cfg.TEST.PROMPT_FILE)
+            if prompt is not None:
+                check_same_prompt(tuned, self.build_prompts(prompt)[0], f"prompt file {prompt_file}", "the call")
+            prompt = tuned
+        if prompt is None:
+            raise ValueError("no prompt: give categories, a caption or a prompt_file (or set TEST.PROMPT_FILE)")
         prompts = self.build_prompts(prompt, phrases, spans)
         return self._predict([self.load_image(image, input_format)], [prompts])[0]
 
-    def predict_batch(self, images: Sequence[ImageInput], prompts: Sequence[PromptInput],
+    def tuned_prompt(self, path: str | Path) -> Prompt:
+        """The tuned prompt of a prompt file, checked against this model and read once per file
+        version: one loaded model serves every task's prompt file."""
+        key = (str(path), os.path.getmtime(path) if os.path.isfile(path) else None)
+        if key not in self._tuned_prompts:
+            self._tuned_prompts[key] = load_prompt_file(path, self.model)
+        return self._tuned_prompts[key]
+
+    def predict_batch(self, images: Sequence[ImageInput], prompts: Sequence[PromptInput | Prompt],
                       input_format: str = "BGR") -> list[Instances]:
-        """Several images, each with its own prompt (category list or caption)."""
+        """Several images, each with its own prompt (category list, caption or ``tuned_prompt``)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
         built = [self.build_prompts(p) for p in prompts]
         return self._predict([self.load_image(im, input_format) for im in images], built)
 
-    def build_prompts(self, prompt: PromptInput, phrases: Sequence[str] | None = None,
+    def build_prompts(self, prompt: PromptInput | Prompt, phrases: Sequence[str] | None = None,
                       spans: Sequence | None = None) -> list[Prompt]:
         """Category list -> one prompt per chunk that fits the token limit (labels are the list
         indices; a repeated name is prompted once, with a warning); caption -> one prompt whose
-        labels are its phrases (given as text or spans)."""
+        labels are its phrases (given as text or spans); a ``Prompt`` (e.g. a tuned one) as it is."""
+        if isinstance(prompt, Prompt):
+            return [prompt]
         if isinstance(prompt, str):
             return [self.prompt_builder.caption(prompt, phrases=phrases, spans=spans)]
         if not isinstance(prompt, Iterable):

@@ -42,6 +42,8 @@ from ..evaluation import (
     PromptedDetector,
     most_frequent_caption,
 )
+from ..evaluation.vocabulary_coco import VocabularyCOCOEvaluator
+from ..modeling.prompt_file import tuned_prompt_for
 from ..utils.seeding import derived_seed
 from .ema import EMAHook, ModelEMA
 from .optimization import build_glipv2_optimizer, describe_trainable, freeze_parameters
@@ -110,9 +112,7 @@ class GLIPv2Trainer(DefaultTrainer):
         data_loader, self.train_sampler = self.build_resumable_train_loader(cfg)
         self._trainer = self.build_step_trainer(cfg, self.build_ddp_model(model), data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = GLIPv2Checkpointer(
-            model, cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.TRUST_PICKLED_WEIGHTS, trainer=weakref.proxy(self)
-        )
+        self.checkpointer = self.build_checkpointer(cfg, model)
         self.ema = ModelEMA(model, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -147,6 +147,12 @@ class GLIPv2Trainer(DefaultTrainer):
         precision = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.SOLVER.AMP.PRECISION]
         grad_scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
         return AMPTrainer(model, data_loader, optimizer, grad_scaler=grad_scaler, precision=precision)
+
+    def build_checkpointer(self, cfg: CfgNode, model: nn.Module) -> GLIPv2Checkpointer:
+        """What checkpoints hold and --resume restores: the model and this trainer's state."""
+        return GLIPv2Checkpointer(
+            model, cfg.OUTPUT_DIR, trust_pickle=cfg.MODEL.TRUST_PICKLED_WEIGHTS, trainer=weakref.proxy(self)
+        )
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
@@ -206,8 +212,8 @@ class GLIPv2Trainer(DefaultTrainer):
         if evaluator_type == "lvis":
             return NumpyCompatibleLVISEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
                                                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
-        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
-                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        return VocabularyCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
+                                       max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
 
     @classmethod
     def build_referring_evaluator(
@@ -245,11 +251,15 @@ class GLIPv2Trainer(DefaultTrainer):
     @staticmethod
     def _evaluated_model(cfg: CfgNode, model: nn.Module, dataset_name: str) -> nn.Module:
         """Grounding inputs already carry their caption's prompt; detection inputs get the dataset's
-        vocabulary as prompts, built as training and the predictor build theirs."""
+        vocabulary as prompts, built as training and the predictor build theirs, or TEST.PROMPT_FILE's
+        tuned prompt when it was tuned on that vocabulary."""
         if is_grounding_test_set(dataset_name) or is_caption_test_set(dataset_name):
             return model
         names = MetadataCatalog.get(dataset_name).thing_classes
-        return PromptedDetector(model, PromptBuilder(cfg, model.tokenizer).categories(names))
+        prompts = PromptBuilder(cfg, model.tokenizer).categories(names)
+        if cfg.TEST.PROMPT_FILE:
+            prompts = [tuned_prompt_for(cfg.TEST.PROMPT_FILE, model, prompts, f"dataset {dataset_name!r}")]
+        return PromptedDetector(model, prompts)
 
     def build_hooks(self) -> list[HookBase]:
         """The per-step seed and the EMA update, then DefaultTrainer's hooks; the EMA update runs

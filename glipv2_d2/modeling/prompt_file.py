@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,14 @@ from torch import Tensor, nn
 from ..structures import Prompt
 from .prompt_tuning import NETWORK_PARTS, TunablePrompt
 
-__all__ = ["PROMPT_FILE_FORMAT", "check_same_prompt", "load_prompt_file", "model_identity", "save_prompt_file"]
+__all__ = [
+    "PROMPT_FILE_FORMAT",
+    "check_same_prompt",
+    "load_prompt_file",
+    "model_identity",
+    "save_prompt_file",
+    "tuned_prompt_for",
+]
 
 PROMPT_FILE_FORMAT = "glipv2-d2 tuned prompt"
 PROMPT_FILE_VERSION = 1
@@ -154,3 +161,17 @@ def check_same_prompt(tuned: Prompt, expected: Prompt, source: str, task: str) -
             f"{source} was tuned on the prompt {tuned.caption!r} (labels {tuned.label_names}), but {task} "
             f"reads the prompt {expected.caption!r} (labels {expected.label_names})"
         )
+
+
+def tuned_prompt_for(
+    path: str | os.PathLike, model: nn.Module, vocabulary_prompts: Sequence[Prompt], task: str
+) -> Prompt:
+    """``path``'s tuned prompt in place of ``task``'s vocabulary prompts (one, since a tuned prompt
+    is a single prompt), after checking it against the model and that vocabulary."""
+    tuned = load_prompt_file(path, model)
+    if len(vocabulary_prompts) != 1:
+        raise ValueError(
+            f"{task} needs {len(vocabulary_prompts)} prompts for its vocabulary; the tuned prompt of {path} is one"
+        )
+    check_same_prompt(tuned, vocabulary_prompts[0], f"prompt file {path}", task)
+    return tuned

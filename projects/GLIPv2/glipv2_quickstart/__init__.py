@@ -11,6 +11,7 @@ from .captions import register_synthetic_captions
 from .grounding import pseudo_label_synthetic, register_synthetic_grounding
 from .lvis_format import coco_to_lvis, register_synthetic_lvis
 from .referring import register_synthetic_referring
+from .renamed import register_synthetic_renamed
 from .shapes import (
     HELDOUT_CATEGORY_IDS,
     SYNTHETIC_CATEGORIES,
@@ -31,6 +32,7 @@ __all__ = [
     "register_synthetic_grounding",
     "register_synthetic_lvis",
     "register_synthetic_referring",
+    "register_synthetic_renamed",
     "register_synthetic_shapes",
 ]
 
@@ -41,6 +43,7 @@ def register_quickstart_datasets(root: str | os.PathLike | None = None) -> None:
     glipv2_synthetic_lvis_val, glipv2_synthetic_grounding_{train,val}, glipv2_synthetic_referring_{train,val}
     glipv2_synthetic_caption_train and glipv2_synthetic_captions_val."""
     register_synthetic_shapes(root)
+    register_synthetic_renamed()
     register_synthetic_lvis("val")
     register_synthetic_grounding(root)
     register_synthetic_captions(root)
