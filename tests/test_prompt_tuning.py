@@ -9,6 +9,7 @@ import torch
 from detectron2.modeling import build_model
 
 from glipv2_d2.data.prompt_builder import PromptBuilder
+from glipv2_d2.engine.predictor import GLIPv2Predictor
 from glipv2_d2.modeling.prompt_file import check_same_prompt, load_prompt_file, save_prompt_file
 from glipv2_d2.modeling.prompt_tuning import PromptTuningModel
 
@@ -129,4 +130,34 @@ def test_a_tuned_prompt_and_a_plain_one_share_a_batch(tuned):
         mixed = detector.inference([{**images[0], "prompt": prompt}, {**images[1], "prompt": plain}])
         alone = detector.inference([{**images[1], "prompt": plain}])
     assert torch.allclose(mixed[1]["instances"].scores, alone[0]["instances"].scores, atol=1e-5)
+    model.train()
+
+
+def test_one_predictor_serves_several_tasks_prompt_files(tuned, tmp_path):
+    model, _, batch = tuned
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": model.detector.state_dict()}, weights)
+    shapes = tmp_path / "shapes.pth"
+    save_prompt_file(shapes, model.prompt, model.detector)
+    other_task = PromptTuningModel(model.detector, PromptBuilder(tiny_cfg(), model.tokenizer).categories(["dog"])[0])
+    with torch.no_grad():
+        other_task.prompt.offset.add_(0.1)
+    dogs = tmp_path / "dogs.pth"
+    save_prompt_file(dogs, other_task.prompt, model.detector)
+    cfg = tiny_cfg()
+    cfg.MODEL.WEIGHTS = str(weights)
+    predictor = GLIPv2Predictor(cfg)
+    image = batch[0]["image"].permute(1, 2, 0).numpy()
+    calls = []
+    predictor.model.language_backbone.register_forward_hook(lambda *args: calls.append(1))
+    by_shapes = predictor(image, prompt_file=shapes)
+    by_dogs = predictor(image, prompt_file=dogs)
+    assert calls == []
+    assert set(by_shapes.pred_phrases) <= set(NAMES.values()) and len(by_shapes) > 0
+    assert set(by_dogs.pred_phrases) == {"dog"}
+    same = predictor(image, list(NAMES.values()), prompt_file=shapes)
+    assert torch.equal(same.scores, by_shapes.scores)
+    with pytest.raises(ValueError, match=r"prompt file .*dogs.pth was tuned on the prompt 'dog' .* but the call "
+                                         r"reads the prompt 'cat'"):
+        predictor(image, ["cat"], prompt_file=dogs)
     model.train()
