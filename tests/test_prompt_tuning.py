@@ -3,10 +3,12 @@ buffer stays bit for bit; a tuned prompt runs without the text encoder; its file
 detections and refuses another model or another prompt, naming both."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from detectron2.modeling import build_model
+from PIL import Image
 
 from glipv2_d2.data.prompt_builder import PromptBuilder
 from glipv2_d2.engine.predictor import GLIPv2Predictor
@@ -14,7 +16,7 @@ from glipv2_d2.modeling.prompt_file import check_same_prompt, load_prompt_file, 
 from glipv2_d2.modeling.prompt_tuning import PromptTuningModel
 
 from .test_training_step import NAMES, tiny_batch
-from .tiny_model import tiny_cfg
+from .tiny_model import REPO, tiny_cfg
 
 
 def _labelled_batch(model) -> list[dict]:
@@ -160,4 +162,30 @@ def test_one_predictor_serves_several_tasks_prompt_files(tuned, tmp_path):
     with pytest.raises(ValueError, match=r"prompt file .*dogs.pth was tuned on the prompt 'dog' .* but the call "
                                          r"reads the prompt 'cat'"):
         predictor(image, ["cat"], prompt_file=dogs)
+    model.train()
+
+
+def test_demo_reads_its_categories_with_a_prompt_file(tuned, tmp_path, capsys):
+    from tools import demo
+
+    model, _, batch = tuned
+    weights, prompt_file = tmp_path / "weights.pth", tmp_path / "shapes.pth"
+    torch.save({"model": model.detector.state_dict()}, weights)
+    save_prompt_file(prompt_file, model.prompt, model.detector)
+    image = tmp_path / "scene.png"
+    Image.fromarray(batch[0]["image"].permute(1, 2, 0).numpy()[:, :, ::-1]).save(image)
+    tiny = ["MODEL.WEIGHTS", str(weights), "MODEL.LANGUAGE_BACKBONE.LOAD_PRETRAINED", "False",
+            "MODEL.LANGUAGE_BACKBONE.NUM_HIDDEN_LAYERS", "2", "MODEL.DYHEAD.PRIOR_PROB", "0.5",
+            "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "192"]
+
+    def run(categories: str, output: str) -> int:
+        return demo.main(["--config-file", str(REPO / "configs" / "quickstart" / "demo.yaml"), "--input", str(image),
+                          "--categories", categories, "--prompt-file", str(prompt_file), "--cpu",
+                          "--output", str(tmp_path / output), *tiny])
+
+    assert run(",".join(NAMES.values()), "out") == 0
+    record = json.loads((tmp_path / "out" / "scene.png.json").read_text())
+    assert record["detections"] and {d["phrase"] for d in record["detections"]} <= set(NAMES.values())
+    assert run("cat", "bad") == 1
+    assert "was tuned on the prompt 'red square. blue circle. green triangle'" in capsys.readouterr().err
     model.train()

@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder for <image file name>.png and .json; not a folder holding an input")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="draw boxes scoring at least this")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
+    parser.add_argument("--prompt-file", help="read the categories (--categories / --dataset / --categories-json, "
+                        "the ones it was tuned on) with this tuned prompt, prompt tuning's prompt_final.pth")
     decoding = parser.add_argument_group("caption decoding (--task caption)")
     decoding.add_argument("--beam-size", type=int)
     decoding.add_argument("--max-length", type=int, help="most generated tokens, end token included")
@@ -95,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def demo_cfg(args: argparse.Namespace) -> CfgNode:
     """Training's config of the file and overrides, on CUDA when there is one and --cpu is not given."""
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    return setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", device])
+    tuned = ("TEST.PROMPT_FILE", args.prompt_file) if args.prompt_file else ()
+    return setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", device, *tuned])
 
 
 def list_images(inputs: list[str]) -> list[Path]:

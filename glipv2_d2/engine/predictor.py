@@ -59,17 +59,26 @@ class GLIPv2Predictor:
     def __call__(self, image: ImageInput, prompt: PromptInput | Prompt | None = None,
                  phrases: Sequence[str] | None = None, spans: Sequence | None = None, input_format: str = "BGR",
                  prompt_file: str | Path | None = None) -> Instances:
-        """``prompt_file``: a tuned prompt (prompt tuning) to read the image with; a category list
-        given too must be the one it was tuned on. Without a prompt, TEST.PROMPT_FILE's is used."""
-        if prompt_file is not None or (prompt is None and self.cfg.TEST.PROMPT_FILE):
-            tuned = self.tuned_prompt(prompt_file or self.cfg.TEST.PROMPT_FILE)
-            if prompt is not None:
-                check_same_prompt(tuned, self.build_prompts(prompt)[0], f"prompt file {prompt_file}", "the call")
-            prompt = tuned
-        if prompt is None:
-            raise ValueError("no prompt: give categories, a caption or a prompt_file (or set TEST.PROMPT_FILE)")
-        prompts = self.build_prompts(prompt, phrases, spans)
+        """``prompt_file``: read the image with that tuned prompt (see ``with_tuned_prompt``)."""
+        prompts = self.build_prompts(self.with_tuned_prompt(prompt, prompt_file), phrases, spans)
         return self._predict([self.load_image(image, input_format)], [prompts])[0]
+
+    def with_tuned_prompt(self, prompt: PromptInput | Prompt | None, prompt_file: str | Path | None = None):
+        """The tuned prompt of ``prompt_file``, else of TEST.PROMPT_FILE for a category list or no
+        prompt (as evaluation reads a vocabulary with it), else ``prompt`` itself. A category list
+        given with a prompt file must be the one it was tuned on."""
+        is_categories = prompt is not None and not isinstance(prompt, (str, Prompt))
+        if prompt_file is not None and isinstance(prompt, str):
+            raise ValueError("a caption and a prompt file: give one of them")
+        path = prompt_file or (self.cfg.TEST.PROMPT_FILE if prompt is None or is_categories else None)
+        if not path:
+            if prompt is None:
+                raise ValueError("no prompt: give categories, a caption or a prompt_file (or set TEST.PROMPT_FILE)")
+            return prompt
+        tuned = self.tuned_prompt(path)
+        if is_categories:
+            check_same_prompt(tuned, self.build_prompts(prompt)[0], f"prompt file {path}", "the call")
+        return tuned
 
     def tuned_prompt(self, path: str | Path) -> Prompt:
         """The tuned prompt of a prompt file, checked against this model and read once per file
@@ -81,10 +90,11 @@ class GLIPv2Predictor:
 
     def predict_batch(self, images: Sequence[ImageInput], prompts: Sequence[PromptInput | Prompt],
                       input_format: str = "BGR") -> list[Instances]:
-        """Several images, each with its own prompt (category list, caption or ``tuned_prompt``)."""
+        """Several images, each with its own prompt (category list, caption or ``tuned_prompt``; a
+        category list is read with TEST.PROMPT_FILE's tuned prompt when one is set)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image")
-        built = [self.build_prompts(p) for p in prompts]
+        built = [self.build_prompts(self.with_tuned_prompt(p)) for p in prompts]
         return self._predict([self.load_image(im, input_format) for im in images], built)
 
     def build_prompts(self, prompt: PromptInput | Prompt, phrases: Sequence[str] | None = None,
