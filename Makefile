@@ -6,14 +6,19 @@
 #   make demo   - install into .venv, then draw the quick-start model's boxes (and masks, once its
 #                 segmentation stage has run) on synthetic val images (once make quickstart has
 #                 trained it; untrained weights on a photo before)
-#   make test   - install into .venv, then run the test suite
+#   make web-demo - install into .venv with the web extras (requirements-web.txt), then serve the
+#                   web demo on http://127.0.0.1:7860 (the quick-start model once trained)
+#   make test   - install into .venv with the web extras and Debian's chromium + chromium-driver
+#                 (for the browser test), then run the test suite
 # Every target is idempotent: a second run reuses .venv and only installs what is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+WEB_STAMP := $(VENV)/.installed-web
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 
-.PHONY: install quickstart demo test lint benchmark
+.PHONY: install quickstart demo web-demo browser test lint benchmark
 
 $(STAMP): requirements.txt setup.py scripts/install_detectron2.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +29,21 @@ $(STAMP): requirements.txt setup.py scripts/install_detectron2.sh
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(WEB_STAMP): $(STAMP) requirements-web.txt
+	$(PY) -m pip install --quiet -r requirements-web.txt
+	touch $(WEB_STAMP)
+
+# Debian's Chromium and its driver for the browser test, installed once; without apt or root the
+# test cannot run, and this says so instead of letting it be skipped.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "make test: the browser test needs $(BROWSER) (Debian: apt-get install chromium chromium-driver, as root); install them and run make test again" >&2; \
+		exit 1; \
+	fi
 
 quickstart: $(STAMP)
 	$(PY) projects/GLIPv2/train_net.py --config-file configs/quickstart/train.yaml
@@ -52,7 +72,10 @@ demo: $(STAMP)
 			--categories "person,rocket,flag" --output output/demo; \
 	fi
 
-test: $(STAMP)
+web-demo: $(WEB_STAMP)
+	$(PY) tools/web_demo.py
+
+test: $(STAMP) $(WEB_STAMP) browser
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)

@@ -10,6 +10,7 @@ setup(
     # The quick start's synthetic data lives with its project, outside the library, and installs beside it.
     packages=[*find_packages(include=["glipv2_d2", "glipv2_d2.*"]), "glipv2_quickstart"],
     package_dir={"glipv2_quickstart": "projects/GLIPv2/glipv2_quickstart"},
+    package_data={"glipv2_d2": ["detections.schema.json"]},  # the JSON Schema of the demo outputs
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

@@ -10,7 +10,8 @@ from detectron2.structures import Instances
 from PIL import Image
 
 import tools.demo as demo
-from glipv2_d2.visualizer import category_color, draw_grounded_detections
+from glipv2_d2.detection_records import detection_record, mask_to_rle
+from glipv2_d2.visualizer import draw_grounded_detections, phrase_color
 
 from .test_demo_tool import CONFIG, StandInPredictor
 
@@ -28,8 +29,8 @@ def _masks() -> torch.Tensor:
 
 
 class SegmentingStandInPredictor(StandInPredictor):
-    def __call__(self, image, prompt, phrases=None) -> Instances:
-        instances = super().__call__(image, prompt, phrases)
+    def __call__(self, image, prompt, phrases=None, spans=None) -> Instances:
+        instances = super().__call__(image, prompt, phrases, spans)
         instances.pred_masks = _masks()
         return instances
 
@@ -43,7 +44,7 @@ def _detections(with_masks: bool) -> Instances:
 
 def test_rle_round_trip_through_json():
     mask = np.random.default_rng(0).random((HEIGHT, WIDTH)) < 0.3
-    rle = json.loads(json.dumps(demo.mask_to_rle(torch.from_numpy(mask))))
+    rle = json.loads(json.dumps(mask_to_rle(torch.from_numpy(mask))))
     assert rle["size"] == [HEIGHT, WIDTH] and isinstance(rle["counts"], str)
     decoded = mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode()})
     assert np.array_equal(decoded.astype(bool), mask)
@@ -65,7 +66,8 @@ def test_demo_json_carries_each_detections_mask(tmp_path, monkeypatch):
 
 
 def test_detections_without_masks_have_no_mask_field():
-    assert all("mask_rle" not in d for d in demo.detections_to_json(_detections(with_masks=False)))
+    record = detection_record("a.png", ["dog", "cat"], _detections(with_masks=False))
+    assert len(record["detections"]) == 5 and all("mask_rle" not in d for d in record["detections"])
 
 
 def test_masks_are_filled_in_their_box_colour_and_nothing_else_changes():
@@ -74,7 +76,7 @@ def test_masks_are_filled_in_their_box_colour_and_nothing_else_changes():
     masked = draw_grounded_detections(image, _detections(with_masks=True), score_threshold=0.45).astype(int)
     scale = plain.shape[0] // HEIGHT
     inside = masked[20 * scale, 40 * scale]  # detection 2 (a dog), away from its label and outline
-    expected = 0.5 * 90 + 0.5 * 255 * category_color(0)
+    expected = 0.5 * 90 + 0.5 * 255 * phrase_color("dog")
     assert np.abs(inside - expected).max() <= 12, (inside, expected)
     assert np.array_equal(plain[20 * scale, 40 * scale], [90, 90, 90])
     below_every_box = slice(40 * scale, None)

@@ -1,9 +1,11 @@
 """tools/demo.py with a stand-in predictor: outputs never replace inputs, bad files are skipped and
 counted, the console gives both numbers, and the pictures keep labels readable and colours per category."""
 
+import functools
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,24 +17,36 @@ from transformers import BertModel
 
 import tools.demo as demo
 from glipv2_d2 import visualizer
+from glipv2_d2.data.prompt_builder import PromptBuilder
+from glipv2_d2.engine.predictor import GLIPv2Predictor
 from glipv2_d2.modeling.language.bert import BertTextEncoder
-from glipv2_d2.modeling.language.tokenizer import minilm_model_dir
+from glipv2_d2.modeling.language.tokenizer import build_tokenizer, minilm_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "quickstart" / "demo.yaml")
 SCORES = [0.9, 0.8, 0.5, 0.2, 0.1]
 
 
+@functools.cache
+def minilm_prompt_builder() -> PromptBuilder:
+    return PromptBuilder(build_tokenizer("minilm"))
+
+
 class StandInPredictor:
-    """Five fixed detections per image (three at score >= 0.45, two of them near-identical boxes)."""
+    """Five fixed detections per image (three at score >= 0.45, two of them near-identical boxes);
+    prompts are built as the real predictor builds them."""
+
+    build_prompts = GLIPv2Predictor.build_prompts
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.prompt_builder = minilm_prompt_builder()
+        self.model = SimpleNamespace(tokenizer=self.prompt_builder.tokenizer)
 
     def load_image(self, image, input_format: str = "BGR") -> np.ndarray:
         return read_image(image, format="BGR")
 
-    def __call__(self, image: np.ndarray, prompt, phrases=None) -> Instances:
+    def __call__(self, image: np.ndarray, prompt, phrases=None, spans=None) -> Instances:
         instances = Instances(image.shape[:2])
         instances.pred_boxes = Boxes(torch.tensor([[2.0, 2, 20, 20], [2, 2, 20, 21], [30, 5, 50, 25],
                                                    [0, 0, 10, 10], [5, 5, 15, 15]]))

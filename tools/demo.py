@@ -15,20 +15,16 @@ a.png.png, so inputs sharing a stem never share outputs; equal file names from d
 -2, -3, ...). --output may not be a folder that holds an input, so originals are never overwritten.
 An input that cannot be read is reported and skipped; the exit code is then 1 once the rest is done.
 
-Each JSON is {"image": path or name, "prompt": categories or caption, "detections": [...]}, one
-detection per box:
-  "box_xyxy"  [x0, y0, x1, y1] in the input image's pixels
-  "score"     the box's score (mean probability of its label's tokens)
-  "label"     index of its category in the prompt, or of its phrase in the caption
-  "phrase"    that category name or phrase
-  "mask_rle"  only for models that segment (MODEL.MASK_ON): the box's mask at the input image's
-              size as COCO RLE, {"size": [height, width], "counts": str}; decode it with
-              pycocotools.mask.decode({"size": size, "counts": counts.encode()})
+Each JSON follows the schema of glipv2_d2/detections.schema.json (fields described in
+glipv2_d2/detection_records.py): the image, the prompt and the texts the model read, and one detection
+per box with "box_xyxy" (input image pixels), "score", "label" (index of its category or phrase),
+"phrase", where the label sits in the prompt ("prompt_index", "token_spans", "char_spans") and, for
+models that segment (MODEL.MASK_ON), "mask_rle" (COCO RLE at the input image's size). Every
+detection of the model is written (--top-k per phrase applies); --score-threshold selects what is drawn.
 
-With --task caption (a captioning model; --beam-size, --max-length, --min-length, --length-penalty
-override its MODEL.CAPTION decoding) the picture shows the generated caption over its grounded
-phrases' boxes, and the JSON is {"image", "caption", "score", "phrases": [...], "words": [...]}, each
-phrase and word {"text", "span": [start, end) in the caption, "box_xyxy", "score"}.
+A --caption without --phrases is grounded phrase by phrase: its noun phrases are found with spaCy
+(glipv2_d2/data/noun_phrases.py; pip install -r requirements-web.txt), and a caption without any is
+grounded as a whole.
 """
 
 # ruff: noqa: E402  (the warning filters below must precede the imports that warn)
@@ -45,21 +41,22 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.structures import Instances
 from PIL import Image
 
 from glipv2_d2.checkpoint import CheckpointMismatchError
 from glipv2_d2.config import setup_cfg
+from glipv2_d2.data.builtin_images import BUILTIN_IMAGES, builtin_image
 from glipv2_d2.data.datasets import coco_category_metadata, register_all_glipv2_datasets
+from glipv2_d2.data.noun_phrases import NounPhraseModelMissing, noun_phrase_spans
+from glipv2_d2.detection_records import detection_record
+from glipv2_d2.detection_selection import select_detections
 from glipv2_d2.engine.predictor import GLIPv2Predictor
 from glipv2_d2.visualizer import draw_caption, draw_grounded_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-BUILTIN_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
 TASKS = ("detect", "caption")
 
 
@@ -77,11 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     text.add_argument("--dataset", help="use the category names of this registered dataset as the prompt")
     text.add_argument("--categories-json",
                       help="use the categories of this COCO-format json, in id order, as the prompt")
-    parser.add_argument("--phrases", help="comma-separated phrases of --caption to ground (default: all of it)")
+    parser.add_argument("--phrases", help="comma-separated phrases of --caption to ground "
+                        "(default: its noun phrases, found with spaCy)")
     parser.add_argument("--max-images", type=int, default=0, help="process at most this many inputs (0: all)")
     parser.add_argument("--output", required=True,
                         help="folder for <image file name>.png and .json; not a folder holding an input")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="draw boxes scoring at least this")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the best k boxes of each phrase (0: all)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument("--prompt-file", help="read the categories (--categories / --dataset / --categories-json, "
                         "the ones it was tuned on) with this tuned prompt, prompt tuning's prompt_final.pth")
@@ -146,37 +145,18 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def builtin_image(name: str) -> np.ndarray:
-    """An RGB photo from scikit-image, returned BGR like a file read by the predictor."""
-    import skimage.data
-
-    rgb = getattr(skimage.data, name)()
-    return np.ascontiguousarray(rgb[:, :, ::-1])
-
-
 def split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",")] if text else None
 
 
-def mask_to_rle(mask: np.ndarray | torch.Tensor) -> dict:
-    """A boolean (H, W) mask as COCO RLE with str counts, so that it can be written as JSON."""
-    rle = mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def detections_to_json(instances: Instances) -> list[dict]:
-    """The "detections" of the demo's JSON (module doc); "mask_rle" only when there are pred_masks."""
-    detections = [
-        {"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "phrase": str(phrase)}
-        for box, score, label, phrase in zip(
-            instances.pred_boxes.tensor.tolist(), instances.scores.tolist(),
-            instances.pred_classes.tolist(), instances.pred_phrases,
-        )
-    ]
-    if instances.has("pred_masks"):
-        for detection, mask in zip(detections, instances.pred_masks.cpu()):
-            detection["mask_rle"] = mask_to_rle(mask)
-    return detections
+def caption_spans(caption: str, phrases: list[str] | None) -> list[list[tuple[int, int]]] | None:
+    """The caption's noun phrases when no phrases are listed (None: ground the whole caption)."""
+    if phrases:
+        return None
+    spans = noun_phrase_spans(caption)
+    if not spans:
+        print(f"note: no noun phrase in {caption!r}; grounding the whole caption", file=sys.stderr)
+    return spans or None
 
 
 def spans_to_json(spans) -> list[dict]:
@@ -223,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             named = list(zip(output_names(paths), paths))
         if args.max_images > 0:
             named = named[: args.max_images]
+        spans = caption_spans(args.caption, phrases) if args.caption else None
         predictor = GLIPv2Predictor(demo_cfg(args))
+        prompts = predictor.build_prompts(prompt, phrases, spans) if prompt_given else []
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, image in named:
             try:
@@ -239,16 +221,16 @@ def main(argv: list[str] | None = None) -> int:
                 (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
                 print(f"{image}: {record['caption']!r} -> {out_dir / name}.png / .json")
                 continue
-            instances = predictor(bgr, prompt, phrases=phrases)
+            instances = select_detections(predictor(bgr, prompt, phrases=phrases, spans=spans), 0.0, args.top_k)
             drawn = int((instances.scores >= args.score_threshold).sum())
             picture = draw_grounded_detections(bgr, instances, args.score_threshold)
             Image.fromarray(picture).save(out_dir / f"{name}.png")
-            record = {"image": str(image) if isinstance(image, Path) else name, "prompt": prompt,
-                      "detections": detections_to_json(instances)}
+            record = detection_record(str(image) if isinstance(image, Path) else name, prompt, instances,
+                                      prompts, predictor.model.tokenizer)
             (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
             print(f"{image}: {len(instances)} detections, {drawn} drawn at score >= {args.score_threshold:g} "
                   f"-> {out_dir / name}.png / .json")
-    except (ValueError, FileNotFoundError, CheckpointMismatchError) as error:
+    except (ValueError, FileNotFoundError, CheckpointMismatchError, NounPhraseModelMissing) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if failed:
