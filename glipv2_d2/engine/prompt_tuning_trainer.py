@@ -1,9 +1,10 @@
 """Training for MODEL.PROMPT_TUNING: the GLIPv2 trainer with the network frozen and one prompt learned.
 
-The model is the loaded MODEL.WEIGHTS wrapped in ``PromptTuningModel`` (the training vocabulary as
-one fixed prompt); checkpoints hold the prompt alone (a few hundred KB, so ``--resume`` works as
-usual) and the end of training writes the prompt file OUTPUT_DIR/prompt_final.pth that evaluation
-(TEST.PROMPT_FILE, ``--prompt-file``) and the predictor read.
+The model is the loaded MODEL.WEIGHTS (L_mlm and the EMA switched off) wrapped in
+``PromptTuningModel`` (the training vocabulary as one fixed prompt); checkpoints hold the prompt
+alone (a few hundred KB, so ``--resume`` works as usual) and the end of training writes the prompt
+file OUTPUT_DIR/prompt_final.pth that evaluation (TEST.PROMPT_FILE, ``--prompt-file``) and the
+predictor read.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..modeling.prompt_tuning import PromptTuningModel
 from .optimization import describe_trainable
 from .trainer import GLIPv2Trainer
 
-__all__ = ["PROMPT_FILE_NAME", "PromptTuningTrainer"]
+__all__ = ["PROMPT_FILE_NAME", "PromptTuningTrainer", "prompt_tuning_cfg"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,25 @@ class WritePromptFile(HookBase):
             logger.info("tuned prompt written to %s", self.path)
 
 
+def prompt_tuning_cfg(cfg: CfgNode) -> CfgNode:
+    """The config with what prompt tuning switches off, as official GLIP's tuning_highlevel_override
+    sets its freezing keys: L_mlm (it would corrupt the fixed prompt) and the EMA (of one tensor)."""
+    tuned = cfg.clone()
+    tuned.defrost()
+    tuned.MODEL.MLM.ENABLED = False
+    tuned.SOLVER.EMA.ENABLED = False
+    tuned.freeze()
+    return tuned
+
+
 class PromptTuningTrainer(GLIPv2Trainer):
     """GLIPv2Trainer whose model is a frozen MODEL.WEIGHTS plus one learned prompt offset."""
 
+    def __init__(self, cfg: CfgNode):
+        super().__init__(prompt_tuning_cfg(cfg))
+
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
-        if cfg.SOLVER.EMA.ENABLED:
-            raise ValueError("prompt tuning keeps no EMA of its one tensor: set SOLVER.EMA.ENABLED False")
         if not cfg.MODEL.WEIGHTS:
             raise ValueError("prompt tuning needs the weights it tunes for: set MODEL.WEIGHTS")
         detector = build_model(cfg)
