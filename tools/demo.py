@@ -25,6 +25,11 @@ detection of the model is written (--top-k per phrase applies); --score-threshol
 A --caption without --phrases is grounded phrase by phrase: its noun phrases are found with spaCy
 (glipv2_d2/data/noun_phrases.py; pip install -r requirements-web.txt), and a caption without any is
 grounded as a whole.
+
+With --task caption (a captioning model; --beam-size, --max-length, --min-length, --length-penalty
+override its MODEL.CAPTION decoding) the picture shows the generated caption over its grounded
+phrases' boxes, and the JSON is {"image", "caption", "score", "phrases": [...], "words": [...]}, each
+phrase and word {"text", "span": [start, end) in the caption, "box_xyxy", "score"}.
 """
 
 # ruff: noqa: E402  (the warning filters below must precede the imports that warn)
