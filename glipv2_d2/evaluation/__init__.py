@@ -10,6 +10,7 @@ from .lvis_fixed_ap import (
 )
 from .phrasecut import PhraseCutEvaluator
 from .prompted_inference import PromptedDetector
+from .vqa import VQAEvaluator, majority_answer_per_type
 
 __all__ = [
     "CaptionEvaluator",
@@ -18,7 +19,9 @@ __all__ = [
     "NumpyCompatibleLVISEvaluator",
     "PhraseCutEvaluator",
     "PromptedDetector",
+    "VQAEvaluator",
     "keep_top_per_category",
     "lvis_numpy_float_alias",
+    "majority_answer_per_type",
     "most_frequent_caption",
 ]
