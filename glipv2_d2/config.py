@@ -230,6 +230,16 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.DATASETS.TRAIN_RATIOS = []  # draw weight per DATASETS.TRAIN entry ([]: proportional to dataset sizes)
     cfg.DATASETS.REGISTER = []  # "name:json_file:image_root" COCO-format sets the launcher registers
 
+    # VQA (paper section 3.3, appendix D.2): "VQAHead" in MODEL.GLIPV2.TASK_HEADS.
+    cfg.MODEL.VQA = CN()
+    cfg.MODEL.VQA.NUM_ANSWERS = 3129  # answer classes (VQAv2: answers of at least 9 train+val questions)
+    cfg.MODEL.VQA.ANSWER_VOCAB_FILE = ""  # JSON list of the answers, tools/build_vqa_vocab.py writes it
+    cfg.MODEL.VQA.POOLING = "attention"  # fused question -> one vector: "attention" or "first_token" ([CLS])
+    cfg.MODEL.VQA.HIDDEN_DIM = 0  # width of the head's 2-layer MLP (0: the fused text width)
+    cfg.MODEL.VQA.LOSS_WEIGHT = 1.0  # weight of the soft-score BCE (summed over answers, mean over questions)
+    cfg.MODEL.VQA.GROUNDED = False  # grounded VQA: append [MASK] to questions and ground the answer's boxes on it
+    cfg.MODEL.VQA.TOP_K = 5  # answers returned per question at inference, best first
+
     # Composition of the meta-architecture from registered parts (anchor strides and widths come
     # from the backbone's output shapes).
     cfg.MODEL.GLIPV2 = CN()

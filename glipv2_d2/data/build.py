@@ -38,6 +38,7 @@ from ..utils.seeding import derived_seed
 from .caption_mapper import CaptionMapper
 from .grounding_mapper import GroundingMapper
 from .mappers import DetectionGroundingMapper
+from .vqa_mapper import VQAMapper
 
 __all__ = [
     "ConcatenatedOrder",
@@ -55,7 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TRAIN_TASKS = ("detection", "grounding", "caption", "captioning")
+TRAIN_TASKS = ("detection", "grounding", "caption", "vqa", "captioning")
 # First word of the seeds of RatioOrder's generators: NumPy's SeedSequence pads its entropy with
 # zeros, so [seed, k] and [seed, k, 0] would give the same numbers without distinct tags.
 _PICK_TAG = 0x5049434B
@@ -230,11 +231,14 @@ def build_train_mapper(
     cfg: CfgNode, dataset_name: str, task: str, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> Mapper:
     """The training mapper of one dataset: detection sets prompt with their own class names
-    (contiguous ids differ between datasets), grounding and caption sets read their sentences."""
+    (contiguous ids differ between datasets), grounding and caption sets read their sentences, VQA
+    sets their questions."""
     if task == "detection":
         return DetectionGroundingMapper(cfg, is_train=True, tokenizer=tokenizer, dataset_names=[dataset_name])
     if task in ("grounding", "caption"):
         return GroundingMapper(cfg, is_train=True, tokenizer=tokenizer)
+    if task == "vqa":
+        return VQAMapper(cfg, is_train=True, tokenizer=tokenizer)
     if task == "captioning":  # image-caption pairs without boxes, for the language model (caption mode)
         return CaptionMapper(cfg, is_train=True, tokenizer=tokenizer)
     raise ValueError(f"no training mapper for task {task!r} of dataset {dataset_name!r}")
@@ -253,7 +257,10 @@ def build_train_sources(cfg: CfgNode, tokenizer: PreTrainedTokenizerBase | None 
         task = dataset_task(name, dataset_dicts)
         if task == "detection":
             dataset_dicts = _prepared_detection_dicts(name, dataset_dicts, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-        sources.append(TrainSource(name, dataset_dicts, build_train_mapper(cfg, name, task, tokenizer)))
+        mapper = build_train_mapper(cfg, name, task, tokenizer)
+        if isinstance(mapper, VQAMapper):
+            mapper.report_unknown_answers(name, dataset_dicts)
+        sources.append(TrainSource(name, dataset_dicts, mapper))
         logger.info("training dataset %s: %d %s records", name, len(dataset_dicts), task)
     return sources
 
