@@ -29,10 +29,11 @@ from torch.utils.data import DataLoader
 from ..checkpoint import GLIPv2Checkpointer
 from ..data.build import ResumableDrawSampler, build_resumable_train_loader
 from ..data.caption_mapper import CaptionMapper
-from ..data.datasets import CAPTION_EVALUATOR_TYPE
+from ..data.datasets import CAPTION_EVALUATOR_TYPE, VQA_EVALUATOR_TYPE
 from ..data.grounding_mapper import GroundingMapper
 from ..data.mappers import DetectionGroundingMapper
 from ..data.prompt_builder import PromptBuilder
+from ..data.vqa_mapper import VQAMapper
 from ..evaluation import (
     CaptionEvaluator,
     Flickr30kGroundingEvaluator,
@@ -40,6 +41,8 @@ from ..evaluation import (
     NumpyCompatibleLVISEvaluator,
     PhraseCutEvaluator,
     PromptedDetector,
+    VQAEvaluator,
+    majority_answer_per_type,
     most_frequent_caption,
 )
 from ..evaluation.vocabulary_coco import VocabularyCOCOEvaluator
@@ -61,6 +64,11 @@ def is_grounding_test_set(dataset_name: str) -> bool:
     return evaluator_type in (GROUNDING_EVALUATOR_TYPE, REFERRING_EVALUATOR_TYPE)
 
 
+def is_vqa_test_set(dataset_name: str) -> bool:
+    """VQA test sets are read question by question, each input with its own question prompt."""
+    return MetadataCatalog.get(dataset_name).get("evaluator_type") == VQA_EVALUATOR_TYPE
+
+
 def is_caption_test_set(dataset_name: str) -> bool:
     """Caption test sets are read image by image with their reference captions, no prompt."""
     return MetadataCatalog.get(dataset_name).get("evaluator_type") == CAPTION_EVALUATOR_TYPE
@@ -77,6 +85,15 @@ def training_captions(cfg: CfgNode) -> list[str]:
             elif "caption" in record:
                 captions.append(record["caption"])
     return captions
+
+
+def _training_vqa_records(cfg: CfgNode) -> list[dict]:
+    """The records of cfg.DATASETS.TRAIN's VQA sets, whose majority answers are the baseline."""
+    records = []
+    for name in cfg.DATASETS.TRAIN:
+        if MetadataCatalog.get(name).get("evaluator_type") == VQA_EVALUATOR_TYPE:
+            records.extend(DatasetCatalog.get(name))
+    return records
 
 
 class PerIterationSeed(HookBase):
@@ -182,6 +199,8 @@ class GLIPv2Trainer(DefaultTrainer):
         ground truth); detection sets get the dataset's vocabulary prompt."""
         if is_grounding_test_set(dataset_name):
             mapper = GroundingMapper(cfg, is_train=False)
+        elif is_vqa_test_set(dataset_name):
+            mapper = VQAMapper(cfg, is_train=False)
         elif is_caption_test_set(dataset_name):
             mapper = CaptionMapper(cfg, is_train=False)
         else:
@@ -193,7 +212,8 @@ class GLIPv2Trainer(DefaultTrainer):
         """COCO AP; for LVIS-type sets LVIS AP (fixed AP when cfg.TEST.LVIS_FIXED_AP); for Flickr30K-type
         sets phrase-grounding Recall@k, on merged boxes when the metadata's "gt_type" is "merged" (as
         the glipv2_flickr30k_merged_* registrations say) and on any single box otherwise; for
-        PhraseCut-type sets see build_referring_evaluator; for caption-type sets BLEU, METEOR, ROUGE-L,
+        PhraseCut-type sets see build_referring_evaluator; for VQA-type sets VQA accuracy next to the
+        majority-answer baseline of the training VQA sets; for caption-type sets BLEU, METEOR, ROUGE-L,
         CIDEr (SPICE with TEST.CAPTION_SPICE) next to the most frequent training caption. With
         MODEL.MASK_ON, AP is also mask AP."""
         metadata = MetadataCatalog.get(dataset_name)
@@ -203,6 +223,8 @@ class GLIPv2Trainer(DefaultTrainer):
             return Flickr30kGroundingEvaluator(merge_boxes=metadata.get("gt_type") == "merged")
         if evaluator_type == REFERRING_EVALUATOR_TYPE:
             return cls.build_referring_evaluator(cfg, dataset_name, output_folder)
+        if evaluator_type == VQA_EVALUATOR_TYPE:
+            return VQAEvaluator(majority_answer_per_type(_training_vqa_records(cfg)) or None)
         if evaluator_type == CAPTION_EVALUATOR_TYPE:
             captions = training_captions(cfg)
             baseline = most_frequent_caption(captions) if captions else None
@@ -253,7 +275,7 @@ class GLIPv2Trainer(DefaultTrainer):
         """Grounding inputs already carry their caption's prompt; detection inputs get the dataset's
         vocabulary as prompts, built as training and the predictor build theirs, or TEST.PROMPT_FILE's
         tuned prompt when it was tuned on that vocabulary."""
-        if is_grounding_test_set(dataset_name) or is_caption_test_set(dataset_name):
+        if any(test(dataset_name) for test in (is_grounding_test_set, is_vqa_test_set, is_caption_test_set)):
             return model
         names = MetadataCatalog.get(dataset_name).thing_classes
         prompts = PromptBuilder(cfg, model.tokenizer).categories(names)

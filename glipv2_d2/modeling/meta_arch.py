@@ -70,7 +70,8 @@ class GLIPv2(nn.Module):
     "height"/"width" (the size to return boxes in). Training also reads "instances" with gt_boxes and
     positive_map (boxes x prompt tokens; ``gt_category_uids`` when the prompt names categories, for
     L_inter) and an optional per-image "loss_weight" on the grounding losses; task heads read their
-    own ground truth from the dicts.
+    own ground truth from the dicts (VQAHead: "vqa_targets", the ``(MODEL.VQA.NUM_ANSWERS,)`` soft
+    scores of the answers; a VQA image without boxes has "loss_weight" 0, see data/vqa_mapper.py).
     """
 
     @configurable
