@@ -149,3 +149,10 @@ def draw_caption(image_bgr: np.ndarray, caption: str, instances: Instances) -> n
                          horizontal_alignment="left", color="w", font_size=font_size)
     return visualizer.output.get_image()
 
+
+def draw_answer(image_bgr: np.ndarray, question: str, answer: str, score: float, instances: Instances,
+                score_threshold: float) -> np.ndarray:
+    """The RGB picture of a question and its answer ("Q: ... / A: answer (score)", top left) over
+    the boxes of the question's phrases and of the answer scoring at least score_threshold."""
+    text = f"Q: {question}\nA: {answer} ({score:.2f})"
+    return draw_caption(image_bgr, text, select_detections(instances, score_threshold))

@@ -30,6 +30,14 @@ With --task caption (a captioning model; --beam-size, --max-length, --min-length
 override its MODEL.CAPTION decoding) the picture shows the generated caption over its grounded
 phrases' boxes, and the JSON is {"image", "caption", "score", "phrases": [...], "words": [...]}, each
 phrase and word {"text", "span": [start, end) in the caption, "box_xyxy", "score"}.
+
+With --task vqa --question "..." (a VQA model, a VQAHead) the picture shows the question and the
+answer over the boxes of the question's --phrases and, for grounded VQA (MODEL.VQA.GROUNDED), of
+the answer ("answer: <answer>"), and the JSON is {"image", "question", "answer", "score", "topk":
+[{"answer", "score"}, ...], "detections": [{"box_xyxy", "score", "label", "phrase"}, ...]}:
+  python tools/demo.py --task vqa --config-file configs/quickstart/vqa.yaml \
+      --input datasets/glipv2_synthetic/val/000001.png --question "how many squares are there?" \
+      --phrases squares --output out/ MODEL.WEIGHTS output/quickstart_vqa/model_final.pth
 """
 
 # ruff: noqa: E402  (the warning filters below must precede the imports that warn)
@@ -59,17 +67,18 @@ from glipv2_d2.data.noun_phrases import NounPhraseModelMissing, noun_phrase_span
 from glipv2_d2.detection_records import detection_record
 from glipv2_d2.detection_selection import select_detections
 from glipv2_d2.engine.predictor import GLIPv2Predictor
-from glipv2_d2.visualizer import draw_caption, draw_grounded_detections
+from glipv2_d2.visualizer import draw_answer, draw_caption, draw_grounded_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-TASKS = ("detect", "caption")
+TASKS = ("detect", "caption", "vqa")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--task", choices=TASKS, default="detect",
-                        help="detect: ground a prompt; caption: generate a grounded caption (no prompt)")
+                        help="detect: ground a prompt; caption: generate a grounded caption (no prompt); "
+                        "vqa: answer --question (grounded with MODEL.VQA.GROUNDED)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image files and/or folders of images")
     source.add_argument("--builtin-image", choices=BUILTIN_IMAGES, help="a photo shipped with scikit-image")
@@ -79,8 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     text.add_argument("--dataset", help="use the category names of this registered dataset as the prompt")
     text.add_argument("--categories-json",
                       help="use the categories of this COCO-format json, in id order, as the prompt")
+    parser.add_argument("--question", help="the question to answer (--task vqa)")
     parser.add_argument("--phrases", help="comma-separated phrases of --caption to ground "
-                        "(default: its noun phrases, found with spaCy)")
+                        "(default: its noun phrases, found with spaCy), or of --question")
     parser.add_argument("--max-images", type=int, default=0, help="process at most this many inputs (0: all)")
     parser.add_argument("--output", required=True,
                         help="folder for <image file name>.png and .json; not a folder holding an input")
@@ -179,12 +189,32 @@ def caption_outputs(predictor: GLIPv2Predictor, bgr: np.ndarray, args: argparse.
     return draw_caption(bgr, result["caption"], result["instances"]), record
 
 
+def vqa_outputs(predictor: GLIPv2Predictor, bgr: np.ndarray, args: argparse.Namespace,
+                phrases: list[str] | None) -> tuple[np.ndarray, dict]:
+    """--task vqa: the drawn picture and the JSON record (module doc) of one image."""
+    result = predictor.answer(bgr, args.question, phrases)
+    instances = select_detections(result["instances"], 0.0, args.top_k)
+    detections = [
+        {"box_xyxy": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "phrase": str(phrase)}
+        for box, score, label, phrase in zip(instances.pred_boxes.tensor.tolist(), instances.scores.tolist(),
+                                             instances.pred_classes.tolist(), instances.pred_phrases)
+    ]
+    record = {"question": args.question, "answer": result["answer"], "score": round(result["score"], 4),
+              "topk": [{"answer": t["answer"], "score": round(t["score"], 4)} for t in result["topk"]],
+              "detections": detections}
+    picture = draw_answer(bgr, args.question, result["answer"], result["score"], instances, args.score_threshold)
+    return picture, record
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompt_given = any((args.categories, args.caption, args.dataset, args.categories_json))
-    if prompt_given == (args.task == "caption"):
-        print("error: --task caption takes no prompt; --task detect needs one of --categories, --caption, "
-              "--dataset, --categories-json", file=sys.stderr)
+    if prompt_given != (args.task == "detect"):
+        print("error: --task caption and --task vqa take no prompt; --task detect needs one of --categories, "
+              "--caption, --dataset, --categories-json", file=sys.stderr)
+        return 2
+    if (args.question is not None) != (args.task == "vqa"):
+        print("error: --task vqa needs --question, and only --task vqa takes one", file=sys.stderr)
         return 2
     if args.dataset:
         register_all_glipv2_datasets()
@@ -194,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prompt = split_list(args.categories) if args.categories else args.caption
     phrases = split_list(args.phrases)
-    if phrases and not args.caption:
-        print("error: --phrases only applies to --caption", file=sys.stderr)
+    if phrases and not (args.caption or args.question):
+        print("error: --phrases only applies to --caption or --question", file=sys.stderr)
         return 2
     failed: list[str] = []
     try:
@@ -225,6 +255,14 @@ def main(argv: list[str] | None = None) -> int:
                 record = {"image": str(image) if isinstance(image, Path) else name, **record}
                 (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
                 print(f"{image}: {record['caption']!r} -> {out_dir / name}.png / .json")
+                continue
+            if args.task == "vqa":
+                picture, record = vqa_outputs(predictor, bgr, args, phrases)
+                Image.fromarray(picture).save(out_dir / f"{name}.png")
+                record = {"image": str(image) if isinstance(image, Path) else name, **record}
+                (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
+                print(f"{image}: {args.question!r} -> {record['answer']!r} ({record['score']:.2f}) "
+                      f"-> {out_dir / name}.png / .json")
                 continue
             instances = select_detections(predictor(bgr, prompt, phrases=phrases, spans=spans), 0.0, args.top_k)
             drawn = int((instances.scores >= args.score_threshold).sum())

@@ -26,6 +26,7 @@ from ..data.transforms import build_test_resize
 from ..evaluation.prompted_inference import merge_chunk_detections
 from ..modeling.prompt_file import check_same_prompt, load_prompt_file
 from ..structures import Prompt
+from .answering import answer_questions
 
 ImageInput = str | Path | np.ndarray
 PromptInput = str | Sequence[str]
@@ -156,6 +157,18 @@ class GLIPv2Predictor:
         for result in results:
             result["instances"] = result["instances"].to("cpu")
         return results
+
+    def answer(self, image: ImageInput, question: str, phrases: Sequence[str] | None = None,
+               input_format: str = "BGR") -> dict:
+        """Answer a question about one image with a VQA model (a VQAHead): "answer", "score", "topk"
+        and "instances" (boxes of the listed phrases of the question and, with MODEL.VQA.GROUNDED, of
+        the answer), see ``glipv2_d2.engine.answering``. An empty or too long question is a ValueError."""
+        return self.answer_batch([image], [question], [phrases], input_format)[0]
+
+    def answer_batch(self, images: Sequence[ImageInput], questions: Sequence[str],
+                     phrases: Sequence[Sequence[str] | None] | None = None, input_format: str = "BGR") -> list[dict]:
+        """Several images, each with its own question (and optionally phrases of it to ground)."""
+        return answer_questions(self, [self.load_image(image, input_format) for image in images], questions, phrases)
 
     def _model_input(self, image: np.ndarray, prompt: Prompt | None) -> dict:
         height, width = image.shape[:2]
