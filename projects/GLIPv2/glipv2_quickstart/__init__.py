@@ -1,5 +1,5 @@
 """The quick start's own data: synthetic coloured shapes generated on first use, registered as
-detection (COCO and LVIS format), grounding, referring and pseudo-labelled caption sets.
+detection (COCO and LVIS format), grounding, referring, (grounded) VQA and pseudo-labelled caption sets.
 
 Not part of the glipv2_d2 library; projects/GLIPv2/train_net.py and the tests register the sets
 with ``register_quickstart_datasets``.
@@ -19,6 +19,7 @@ from .shapes import (
     generate_synthetic_shapes,
     register_synthetic_shapes,
 )
+from .vqa import register_synthetic_vqa, synthetic_vqa_records, vqa_vocabulary_path
 
 __all__ = [
     "HELDOUT_CATEGORY_IDS",
@@ -34,17 +35,21 @@ __all__ = [
     "register_synthetic_referring",
     "register_synthetic_renamed",
     "register_synthetic_shapes",
+    "register_synthetic_vqa",
+    "synthetic_vqa_records",
+    "vqa_vocabulary_path",
 ]
 
 
 def register_quickstart_datasets(root: str | os.PathLike | None = None) -> None:
     """(Re-)register every synthetic set over the shapes under `root` (default
     $DETECTRON2_DATASETS/glipv2_synthetic): glipv2_synthetic_{train,val,heldout},
-    glipv2_synthetic_lvis_val, glipv2_synthetic_grounding_{train,val}, glipv2_synthetic_referring_{train,val}
-    glipv2_synthetic_caption_train and glipv2_synthetic_captions_val."""
+    glipv2_synthetic_lvis_val, glipv2_synthetic_grounding_{train,val}, glipv2_synthetic_referring_{train,val},
+    glipv2_synthetic_vqa_{train,val}, glipv2_synthetic_caption_train and glipv2_synthetic_captions_val."""
     register_synthetic_shapes(root)
     register_synthetic_renamed()
     register_synthetic_lvis("val")
     register_synthetic_grounding(root)
     register_synthetic_captions(root)
     register_synthetic_referring(root)
+    register_synthetic_vqa(root)
