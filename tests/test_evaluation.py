@@ -99,7 +99,7 @@ def assert_finite(results: dict, metrics) -> None:
 
 def test_coco_ap(model):
     results, recorder = run_test(eval_cfg(COCO_VAL), model)
-    assert type(recorder.inner) is COCOEvaluator
+    assert isinstance(recorder.inner, COCOEvaluator)
     assert len(recorder.batches) == NUM_VAL and all(len(i) > 0 for i in instances_of(recorder.batches))
     assert_finite(results, ("AP", "AP50", "AP75"))  # COCOEvaluator gives NaN for no predictions
 

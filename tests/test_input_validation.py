@@ -280,7 +280,7 @@ def predictor() -> GLIPv2Predictor:
 
 def test_predictor_names_bad_prompts(predictor):
     image = np.zeros((32, 32, 3), dtype=np.uint8)
-    with pytest.raises(TypeError, match="got None"):
+    with pytest.raises(ValueError, match="no prompt: give categories, a caption or a prompt_file"):
         predictor(image, None)
     with pytest.raises(TypeError, match="category 1 is not a string: 3"):
         predictor(image, ["dog", 3])

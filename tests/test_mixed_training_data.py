@@ -173,8 +173,8 @@ def test_bad_ratios_are_refused(ratios, message):
 
 def test_dataset_tasks_are_checked():
     assert dataset_task("d", [{}, {"task": "detection"}]) == "detection"
-    with pytest.raises(ValueError, match="'vqa'"):
-        dataset_task("vqa_set", [{"task": "vqa"}])
+    with pytest.raises(ValueError, match="'keypoints'"):
+        dataset_task("keypoint_set", [{"task": "keypoints"}])
     with pytest.raises(ValueError, match="mixes tasks"):
         dataset_task("mixed_set", [{"task": "grounding"}, {"task": "caption"}])
 
