@@ -78,7 +78,7 @@ demo: $(STAMP)
 			--categories-json datasets/glipv2_synthetic/annotations/val.json --input datasets/glipv2_synthetic/val \
 			--max-images 2 --output output/demo --score-threshold 0.45 MODEL.WEIGHTS output/quickstart/model_final.pth; \
 	else \
-		echo "make demo: UNTRAINED weights (scores near 0.01, so no box is drawn); 'make quickstart' trains them (about 13 minutes on a CPU), then 'make demo' draws the trained model's boxes"; \
+		echo "make demo: UNTRAINED weights (scores near 0.01, so no box is drawn); 'make quickstart' trains them (about 18 minutes on 2 CPU cores), then 'make demo' draws the trained model's boxes"; \
 		$(PY) tools/demo.py --config-file configs/quickstart/demo.yaml --builtin-image astronaut \
 			--categories "person,rocket,flag" --output output/demo; \
 	fi
