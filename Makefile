@@ -5,8 +5,10 @@
 #                     evaluate masks (COCO segm AP, PhraseCut metrics) and draw them
 #   make quickstart-vl - the understanding stages on the quick-start detector (make quickstart first, or
 #                     it runs it): grounded VQA on the synthetic questions (configs/quickstart/vqa.yaml,
-#                     5-10 minutes + 1-2 of evaluation on 2 CPU cores), accuracy next to the majority
-#                     answer per question type, and one answered val image drawn
+#                     6-10 minutes + 1-2 of evaluation on 2 CPU cores), accuracy next to the majority
+#                     answer per question type, and one answered val image drawn; then grounded
+#                     captioning (configs/quickstart/caption.yaml, 12 minutes beside another job),
+#                     CIDEr next to the most frequent caption, and one captioned val image drawn
 #   make demo   - install into .venv, then draw the quick-start model's boxes (and masks, once its
 #                 segmentation stage has run) on synthetic val images (once make quickstart has
 #                 trained it; untrained weights on a photo before)
@@ -67,6 +69,10 @@ quickstart-vl: $(STAMP)
 	$(PY) tools/demo.py --task vqa --config-file configs/quickstart/vqa.yaml \
 		--input datasets/glipv2_synthetic/val/000001.png --question "how many squares are there?" --phrases squares \
 		--output output/quickstart_vqa/demo MODEL.WEIGHTS output/quickstart_vqa/model_final.pth
+	$(PY) projects/GLIPv2/train_net.py --config-file configs/quickstart/caption.yaml
+	$(PY) tools/demo.py --task caption --config-file configs/quickstart/caption.yaml \
+		--input datasets/glipv2_synthetic/val/000001.png \
+		--output output/quickstart_caption/demo MODEL.WEIGHTS output/quickstart_caption/model_final.pth
 
 demo: $(STAMP)
 	@if [ -f output/quickstart_mask/model_final.pth ] && [ -f datasets/glipv2_synthetic/annotations/val.json ]; then \
