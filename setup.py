@@ -25,5 +25,6 @@ setup(
         "Pillow",
         "safetensors",
         "open-clip-torch>=3.3",
+        "pycocoevalcap>=1.2",
     ],
 )
