@@ -339,8 +339,14 @@ def test_chunked_prompts_give_masks_for_every_chunk(single_thread):
     assert torch.equal(merged.pred_masks, paste_masks(merged.pred_mask_probs, merged.pred_boxes.tensor, 150, 190))
     inputs = predictor._model_input(image, chunks[0])
     detector = PromptedDetector(predictor.model, chunks)
+    backbone_calls = []
+    hook = predictor.model.backbone.register_forward_hook(lambda *_: backbone_calls.append(1))
     with torch.no_grad():
         every = detector([{k: v for k, v in inputs.items() if k != "prompt"}])[0]["instances"]
+        assert len(backbone_calls) == 1  # one backbone pass for the image's three chunks
         parts = [predictor.model([{**inputs, "prompt": chunk}])[0]["instances"] for chunk in chunks]
+    hook.remove()
     assert len(every) == sum(len(p) for p in parts) and all(len(p) > 0 for p in parts)
+    assert torch.equal(every.pred_boxes.tensor, torch.cat([p.pred_boxes.tensor for p in parts]))
+    assert torch.equal(every.scores, torch.cat([p.scores for p in parts]))
     assert torch.equal(every.pred_masks, torch.cat([p.pred_masks for p in parts]))

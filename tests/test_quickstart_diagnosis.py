@@ -94,23 +94,23 @@ class StubDetector(nn.Module):
     def finish_instances(self, instances):
         return instances
 
-    def inference(self, batched_inputs: list[dict], finish: bool = True) -> list[dict]:
-        outputs = []
-        for x in batched_inputs:
-            assert x["prompt"].label_names == dict(enumerate(self.class_names))
-            boxes, scores, classes = [], [], []
-            for a in self.annotations[x["image_id"]]:
-                box = BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-                wrong = wrong_label(self.class_names[a["category_id"]])
-                if wrong is not None:
-                    boxes.append(box)
-                    scores.append(0.9)
-                    classes.append(self.class_names.index(wrong))
+    def inference_over_prompts(self, batched_inputs: list[dict], prompts) -> list[list]:
+        return [[self._detections({**x, "prompt": prompt}) for prompt in prompts] for x in batched_inputs]
+
+    def _detections(self, x: dict):
+        assert x["prompt"].label_names == dict(enumerate(self.class_names))
+        boxes, scores, classes = [], [], []
+        for a in self.annotations[x["image_id"]]:
+            box = BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+            wrong = wrong_label(self.class_names[a["category_id"]])
+            if wrong is not None:
                 boxes.append(box)
-                scores.append(0.6 if wrong else 0.9)
-                classes.append(a["category_id"])
-            outputs.append({"instances": detections(boxes, scores, classes, (x["height"], x["width"]))})
-        return outputs
+                scores.append(0.9)
+                classes.append(self.class_names.index(wrong))
+            boxes.append(box)
+            scores.append(0.6 if wrong else 0.9)
+            classes.append(a["category_id"])
+        return detections(boxes, scores, classes, (x["height"], x["width"]))
 
 
 @pytest.fixture(scope="module")

@@ -58,9 +58,8 @@ class FixedOutputModel(nn.Module):
         self.outputs = outputs
         self.finished: list[int] = []
 
-    def inference(self, batched_inputs: list[dict], finish: bool = True) -> list[dict]:
-        assert not finish, "PromptedDetector finishes detections after the merge"
-        return [{"instances": self.outputs[x["prompt"]]} for x in batched_inputs]
+    def inference_over_prompts(self, batched_inputs: list[dict], prompts) -> list[list[Instances]]:
+        return [[self.outputs[prompt] for prompt in prompts] for _ in batched_inputs]
 
     def finish_instances(self, instances: Instances) -> Instances:
         self.finished.append(len(instances))

@@ -45,7 +45,7 @@ class PromptedDetector(nn.Module):
     prompts are the vocabulary's chunks (``PromptBuilder.categories``), encoded once. An image's
     merged detections are cut to `max_detections_per_image` (None: every box, as fixed AP needs).
     Output-size fields (pasted masks) are made after the cut, so that 31 LVIS chunks never hold
-    their full-image masks at once."""
+    their full-image masks at once; the backbone runs once per batch for all chunks."""
 
     def __init__(self, model: nn.Module, prompts: Sequence[Prompt], max_detections_per_image: int | None = None):
         super().__init__()
@@ -56,11 +56,7 @@ class PromptedDetector(nn.Module):
         self.max_detections_per_image = max_detections_per_image
 
     def forward(self, batched_inputs: list[dict]) -> list[dict]:
-        per_image: list[list[Instances]] = [[] for _ in batched_inputs]
-        for prompt in self.prompts:
-            prompted = [{**x, "prompt": prompt} for x in batched_inputs]
-            for parts, output in zip(per_image, self.model.inference(prompted, finish=False)):
-                parts.append(output["instances"])
+        per_image = self.model.inference_over_prompts(batched_inputs, self.prompts)
         return [
             {"instances": self.model.finish_instances(merge_chunk_detections(parts, self.max_detections_per_image))}
             for parts in per_image

@@ -12,6 +12,7 @@ next-token loss to the grounding losses of the images that carry boxes, inferenc
 captions (``generate_captions``). L_inter and L_mlm are not computed in caption mode.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -250,10 +251,22 @@ class GLIPv2(nn.Module):
             eligible[row, : grounded.shape[0]] |= grounded
         return eligible
 
-    def run_network(self, images: ImageList, text: EncodedText, caption_mode: bool = False) -> NetworkOutputs:
-        """Backbone, fusion tower and prediction head on a preprocessed batch."""
+    def extract_features(self, images: ImageList) -> list[Tensor]:
+        """The backbone's levels before fusion, finest first: what every prompt of an image shares."""
         pyramid = self.backbone(images.tensor)
-        pre_fusion = [pyramid[name] for name in self.level_names]
+        return [pyramid[name] for name in self.level_names]
+
+    def run_network(
+        self,
+        images: ImageList,
+        text: EncodedText,
+        caption_mode: bool = False,
+        pre_fusion: list[Tensor] | None = None,
+    ) -> NetworkOutputs:
+        """Backbone (unless its ``pre_fusion`` levels are given), fusion tower and prediction head on
+        a preprocessed batch."""
+        if pre_fusion is None:
+            pre_fusion = self.extract_features(images)
         if caption_mode:
             features, fused_text = self.fusion(pre_fusion, text.hidden, text.mask, caption_mode=True)
         else:
@@ -336,6 +349,23 @@ class GLIPv2(nn.Module):
         text = self.encode_text(prompts)
         outputs = self.run_network(images, text)
         return self.postprocess(images, batched_inputs, prompts, text, outputs, rescale=do_postprocess, finish=finish)
+
+    def inference_over_prompts(self, batched_inputs: list[dict], prompts: Sequence[Prompt]) -> list[list[Instances]]:
+        """Every image read with each prompt in turn (e.g. a long vocabulary's chunks): per image, one
+        unfinished ``Instances`` per prompt, as ``inference(..., finish=False)`` gives them. The
+        backbone runs once for all prompts, since only the fusion tower and the head read the text."""
+        images = self.preprocess_image(batched_inputs)
+        pre_fusion = self.extract_features(images)
+        per_image: list[list[Instances]] = [[] for _ in batched_inputs]
+        for prompt in prompts:
+            prompted = [{**x, "prompt": prompt} for x in batched_inputs]
+            same_prompt = [prompt] * len(batched_inputs)
+            text = self.encode_text(same_prompt)
+            outputs = self.run_network(images, text, pre_fusion=pre_fusion)
+            results = self.postprocess(images, prompted, same_prompt, text, outputs, finish=False)
+            for parts, result in zip(per_image, results, strict=True):
+                parts.append(result["instances"])
+        return per_image
 
     def generate_captions(
         self,
