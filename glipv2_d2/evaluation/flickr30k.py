@@ -13,17 +13,16 @@ The ground truth is read from the evaluated inputs themselves (their "phrases" a
 original image pixels), so no annotation file is needed and every process scores its own images.
 """
 
-import itertools
 import logging
-from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import BoxMode, Instances
-from detectron2.utils import comm
 from torchvision.ops import box_iou
+
+from .per_image_records import check_each_image_once, gather_per_image
 
 __all__ = [
     "Flickr30kGroundingEvaluator",
@@ -252,26 +251,11 @@ class Flickr30kGroundingEvaluator(DatasetEvaluator):
             outcomes = image_phrase_outcomes(input_dict, instances, self._merge_boxes, self._iou_threshold)
             self._per_image.append((image_id, outcomes))
 
-    def _gathered(self) -> list[tuple[Hashable, list[PhraseOutcome]]] | None:
-        """Every process's images on the main process; None on the others."""
-        if not self._distributed:
-            return self._per_image
-        comm.synchronize()
-        gathered = comm.gather(self._per_image, dst=0)
-        if not comm.is_main_process():
-            return None
-        return list(itertools.chain.from_iterable(gathered))
-
     def evaluate(self) -> dict:
-        per_image = self._gathered()
+        per_image = gather_per_image(self._per_image, self._distributed)
         if per_image is None:
             return {}
-        repeated = [image_id for image_id, count in Counter(i for i, _ in per_image).items() if count > 1]
-        if repeated:
-            raise ValueError(
-                f"Flickr30K evaluation: image_ids {repeated[:10]} were evaluated more than once; each "
-                "image-sentence pair needs its own image_id and the test loader must yield it once"
-            )
+        check_each_image_once(per_image, "Flickr30K evaluation", "image-sentence pair")
         outcomes = [outcome for _, image_outcomes in per_image for outcome in image_outcomes]
         if not outcomes:
             logger.warning("Flickr30K evaluation: no phrase with ground-truth boxes was evaluated")

@@ -19,9 +19,7 @@ ground truth (e.g. synthetic data) is decoded with pycocotools. Results are perc
 {"phrasecut": {"mIoU", "cIoU", "Pr@0.5", "Pr@0.7", "Pr@0.9"}} ("phrasecut_box" with boxes).
 """
 
-import itertools
 import logging
-from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -30,8 +28,9 @@ import pycocotools.mask as mask_util
 import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Instances
-from detectron2.utils import comm
 from PIL import Image, ImageDraw
+
+from .per_image_records import check_each_image_once, gather_per_image
 
 __all__ = [
     "PhraseCutEvaluator",
@@ -228,26 +227,11 @@ class PhraseCutEvaluator(DatasetEvaluator):
             overlaps = image_phrase_overlaps(input_dict, instances, self.score_threshold, self.use_boxes)
             self._per_image.append((input_dict.get("image_id"), overlaps))
 
-    def _gathered(self) -> list[tuple[Hashable, list[PhraseOverlap]]] | None:
-        """Every process's images on the main process; None on the others."""
-        if not self._distributed:
-            return self._per_image
-        comm.synchronize()
-        gathered = comm.gather(self._per_image, dst=0)
-        if not comm.is_main_process():
-            return None
-        return list(itertools.chain.from_iterable(gathered))
-
     def evaluate(self) -> dict:
-        per_image = self._gathered()
+        per_image = gather_per_image(self._per_image, self._distributed)
         if per_image is None:
             return {}
-        repeated = [image_id for image_id, count in Counter(i for i, _ in per_image).items() if count > 1]
-        if repeated:
-            raise ValueError(
-                f"PhraseCut evaluation: image_ids {repeated[:10]} were evaluated more than once; each "
-                "phrase-image record needs its own image_id and the test loader must yield it once"
-            )
+        check_each_image_once(per_image, "PhraseCut evaluation", "phrase-image record")
         overlaps = [overlap for _, image_overlaps in per_image for overlap in image_overlaps]
         if not overlaps:
             logger.warning("PhraseCut evaluation: no phrase with a ground-truth mask was evaluated")
