@@ -127,6 +127,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.DYHEAD.USE_GN = True  # GroupNorm(16) after each DyConv branch
     cfg.MODEL.DYHEAD.USE_DYRELU = True  # dynamic ReLU after scale attention
     cfg.MODEL.DYHEAD.USE_DEFORM = True  # modulated deformable 3x3 convs (else plain convs)
+    cfg.MODEL.DYHEAD.DEFORM_CONV_IMPL = "auto"  # "auto" (gather on CPU, torchvision elsewhere), "torchvision", "gather"
     cfg.MODEL.DYHEAD.PRIOR_PROB = 0.01  # initial foreground probability of a region-word logit
     cfg.MODEL.DYHEAD.LOG_SCALE_INIT = 0.0  # initial log temperature of the region-word logits
     cfg.MODEL.DYHEAD.USE_CHECKPOINT = False  # gradient checkpointing of every fusion layer

@@ -2,8 +2,8 @@
 
 Parameter names match ``DyConv`` / ``Conv3x3Norm`` in microsoft/GLIP
 ``maskrcnn_benchmark/modeling/rpn/vldyhead.py`` and ``DYReLU`` in ``layers/dyrelu.py``.
-The modulated deformable conv is ``torchvision.ops.deform_conv2d`` with ``mask``: no compiled
-extension is needed, and it has CPU and CUDA kernels.
+The modulated deformable conv is ``torchvision.ops.deform_conv2d`` with ``mask`` (no compiled
+extension is needed) or, on the CPU, the equal gather + matmul of ``deform_conv.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import deform_conv2d
+
+from .deform_conv import DEFORM_CONV_IMPLS, modulated_deform_conv2d
 
 __all__ = ["HSigmoid", "ModulatedDeformConv", "Conv3x3Norm", "DyReLU", "DyConv"]
 
@@ -46,14 +47,17 @@ class ModulatedDeformConv(nn.Module):
 
     The official op is decorated with ``custom_fwd(cast_inputs=torch.float32)``, so it always runs
     in fp32; under autocast the fp32 result is kept (GroupNorm follows and autocasts to fp32 anyway),
-    otherwise it is cast back to the input dtype.
+    otherwise it is cast back to the input dtype. ``impl`` picks the kernel (see ``DEFORM_CONV_IMPLS``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int = 1, bias: bool = True):
+                 padding: int = 1, bias: bool = True, impl: str = "auto"):
         super().__init__()
+        if impl not in DEFORM_CONV_IMPLS:
+            raise ValueError(f"MODEL.DYHEAD.DEFORM_CONV_IMPL must be one of {DEFORM_CONV_IMPLS}, got {impl!r}")
         self.stride = stride
         self.padding = padding
+        self.impl = impl
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
@@ -74,9 +78,8 @@ class ModulatedDeformConv(nn.Module):
             offset = _flat_prefix(offset, *out_hw)
             mask = _flat_prefix(mask, *out_hw)
         bias = None if self.bias is None else self.bias.float()
-        out = deform_conv2d(
-            x.float(), offset.float(), self.weight.float(), bias,
-            stride=self.stride, padding=self.padding, mask=mask.float(),
+        out = modulated_deform_conv2d(
+            x.float(), offset.float(), self.weight.float(), bias, self.stride, self.padding, mask.float(), self.impl
         )
         if torch.is_autocast_enabled(x.device.type):
             return out
@@ -87,10 +90,10 @@ class Conv3x3Norm(nn.Module):
     """3x3 conv (deformable or plain) followed by GroupNorm(16), official ``Conv3x3Norm``."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, deformable: bool, use_gn: bool,
-                 gn_groups: int = 16):
+                 gn_groups: int = 16, deform_impl: str = "auto"):
         super().__init__()
         if deformable:
-            self.conv = ModulatedDeformConv(in_channels, out_channels, 3, stride=stride, padding=1)
+            self.conv = ModulatedDeformConv(in_channels, out_channels, 3, stride=stride, padding=1, impl=deform_impl)
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
         self.bn = nn.GroupNorm(gn_groups, out_channels) if use_gn else None
@@ -140,10 +143,11 @@ class DyConv(nn.Module):
     """
 
     def __init__(self, in_channels: int = 256, out_channels: int = 256, use_dyrelu: bool = True,
-                 use_deform: bool = True, use_gn: bool = True):
+                 use_deform: bool = True, use_gn: bool = True, deform_impl: str = "auto"):
         super().__init__()
         self.DyConv = nn.ModuleList(
-            Conv3x3Norm(in_channels, out_channels, stride, deformable=use_deform, use_gn=use_gn)
+            Conv3x3Norm(in_channels, out_channels, stride, deformable=use_deform, use_gn=use_gn,
+                        deform_impl=deform_impl)
             for stride in (1, 1, 2)
         )
         self.AttnConv = nn.Sequential(
