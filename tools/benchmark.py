@@ -17,6 +17,17 @@ per image, decoded with the cache (image side once, cached text keys/values) and
 whole model at every step; a config without a CaptionHead gets one (random LM weights: speed only):
   python tools/benchmark.py --config-file configs/quickstart/demo.yaml --device cpu --precision fp32 \
       --iters 2 --warmup 1 --height 256 --width 320 --caption-decoding --json out/bench_caption.json
+A peer detector timed in the same process on the same inputs (--peer grounding-dino: Hugging Face's
+Grounding DINO-T built from its config, random weights, forward + top-100 selection; see
+glipv2_d2/benchmarking/peers.py), with the ratio peer / GLIPv2 per precision, every row also as one
+JSON object per line. Compare GLIP-T with it (the quick-start model is far smaller); the peer always
+keeps 100 detections per image, and MODEL.DYHEAD.PRIOR_PROB 0.5 makes random-weight GLIPv2 do so too:
+  python tools/benchmark.py --config-file configs/glipv2_T.yaml --device cuda --peer grounding-dino \
+      --json-lines out/bench_T_peer.jsonl MODEL.DYHEAD.PRIOR_PROB 0.5
+Where the time goes inside fusion layer 0, the prediction head and the post-processing
+(--profile-ops: torch.profiler, top ops by self time, fp32):
+  python tools/benchmark.py --config-file configs/quickstart/demo.yaml --device cpu --precision fp32 \
+      --iters 2 --warmup 1 --height 256 --width 320 --profile-ops MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256
 """
 
 from __future__ import annotations
@@ -38,6 +49,8 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
 from torch import nn
 
+from glipv2_d2.benchmarking import op_profile
+from glipv2_d2.benchmarking.peers import PEER_CONFIGS, build_peer, compare_with_glipv2, comparison_table
 from glipv2_d2.checkpoint import GLIPv2Checkpointer
 from glipv2_d2.config import setup_cfg
 from glipv2_d2.data.prompt_builder import PromptBuilder
@@ -69,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--caption-decoding", action="store_true",
                         help="also time caption decoding, cached and recomputed (fp32)")
     parser.add_argument("--caption-tokens", type=int, default=20, help="tokens per timed caption")
+    parser.add_argument("--peer", choices=sorted(PEER_CONFIGS),
+                        help="also time this detector (random weights) on the same inputs, per precision")
+    parser.add_argument("--profile-ops", action="store_true",
+                        help="also profile the ops of fusion layer 0, the head and post-processing (fp32)")
+    parser.add_argument("--json-lines", type=Path, help="write every result row as one JSON object per line")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
@@ -241,6 +259,20 @@ def markdown_table(rows: list[dict], memory_label: str) -> str:
     return "\n".join(lines)
 
 
+def json_lines(report: dict) -> list[dict]:
+    """Every row of the report's tables as one flat object naming its table, so that runs can be
+    appended to one file and compared."""
+    common = {"config": report["config"], "device": report["device"]}
+    lines = [common | {"table": "speed", "model": "glipv2"} | row for row in report["rows"]]
+    lines += [common | {"table": "speed"} | row for row in report["peer_rows"]]
+    lines += [common | {"table": "stages", "stage": stage, "ms_per_batch": ms}
+              for stage, ms in (report["stages_ms"] or {}).items()]
+    lines += [common | {"table": "caption_decoding"} | row for row in report["caption_decoding"] or []]
+    lines += [common | {"table": "ops", "piece": piece} | row
+              for piece, rows in (report["op_profile"] or {}).items() for row in rows]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -263,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                      "shows more than the rows before it when it needs more memory")
     base = {"device_name": device_name(args.device), "torch": torch.__version__, "batch_size": args.batch_size,
             "height": args.height, "width": args.width}
-    rows, skipped = [], {}
+    peer = build_peer(args.peer, args.device, SEED) if args.peer else None
+    rows, peer_rows, skipped = [], [], {}
     for precision in args.precision:
         if precision == "fp16" and args.device == "cpu":
             skipped[precision] = "fp16 autocast is not benchmarked on CPU"
@@ -273,13 +306,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"timing {precision} ...", flush=True)
             rows.append(base | time_precision(model, inputs, args.device, precision, args.iters, args.warmup,
                                               rss_at_start))
+            if peer is not None:
+                print(f"timing {args.peer} {precision} ...", flush=True)
+                timing = time_precision(peer, inputs, args.device, precision, args.iters, args.warmup, rss_at_start)
+                peer_rows.append(base | compare_with_glipv2(args.peer, timing, rows[-1], inputs))
     stages = profile_stages(model, inputs, args.device, args.iters, args.warmup) if args.profile_stages else None
     decoding = (time_caption_decoding(model, inputs, args.device, args.caption_tokens, args.iters, args.warmup)
                 if args.caption_decoding else None)
+    ops = op_profile.profile_pieces(model, inputs, args.device) if args.profile_ops else None
 
     print(f"\nconfig {args.config_file}, {len(COCO_NAMES)} COCO names in one prompt, "
           f"{args.warmup} warm-up + {args.iters} timed iterations\n")
     print(markdown_table(rows, memory_label))
+    if peer_rows:
+        print("\n" + comparison_table(peer_rows))
     for precision, reason in skipped.items():
         print(f"- skipped {precision}: {reason}")
     for note in notes:
@@ -293,14 +333,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n| caption decoding (fp32, {args.caption_tokens} tokens) | tokens/s | ms/caption |\n|---|---|---|")
         for row in decoding:
             print(f"| {row['decoding']} | {row['tokens_per_s']:.1f} | {row['ms_per_caption']:.1f} |")
+    for piece, piece_rows in (ops or {}).items():
+        print("\n" + op_profile.markdown(piece, piece_rows, args.device))
+    report = {"config": args.config_file, "opts": args.opts, "weights": args.weights or cfg.MODEL.WEIGHTS,
+              "device": args.device, "iters": args.iters, "warmup": args.warmup, "memory_metric": memory_label,
+              "rows": rows, "skipped": skipped, "notes": notes, "stages_ms": stages,
+              "caption_decoding": decoding, "peer_rows": peer_rows, "op_profile": ops}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"config": args.config_file, "opts": args.opts, "weights": args.weights or cfg.MODEL.WEIGHTS,
-                  "device": args.device, "iters": args.iters, "warmup": args.warmup, "memory_metric": memory_label,
-                  "rows": rows, "skipped": skipped, "notes": notes, "stages_ms": stages,
-                  "caption_decoding": decoding}
         args.json.write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")
+    if args.json_lines:
+        args.json_lines.parent.mkdir(parents=True, exist_ok=True)
+        args.json_lines.write_text("".join(json.dumps(line) + "\n" for line in json_lines(report)))
+        print(f"wrote {args.json_lines}")
     return 0
 
 
