@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from glipv2_d2.modeling.fusion import BiAttentionBlock, DyConv, VLDyHeadTower
+from glipv2_d2.modeling.fusion import BiAttentionBlock, BiMultiHeadAttention, DyConv, VLDyHeadTower
 
 from .conftest import params_via_converter, recorded_calls
 
@@ -19,8 +19,11 @@ def _assert_levels_close(actual: list[torch.Tensor], expected: list[torch.Tensor
         torch.testing.assert_close(a, e, **TOL, msg=lambda m, lv=level: f"level {lv}: {m}")
 
 
+@pytest.mark.parametrize("order", ["attend_projected", "attend_folded"])
 @pytest.mark.parametrize("case_name", ["bi_attention", "bi_attention_clamp"])
-def test_bi_attention_matches_official(golden: dict, case_name: str) -> None:
+def test_bi_attention_matches_official(golden: dict, case_name: str, order: str, monkeypatch) -> None:
+    """Both orders of the attention's products reproduce the official block (the clamp case too)."""
+    monkeypatch.setattr(BiMultiHeadAttention, "forward", getattr(BiMultiHeadAttention, order))
     case = golden[case_name]
     cfg = case["config"]
     block = BiAttentionBlock(cfg["v_dim"], cfg["l_dim"], cfg["embed_dim"], cfg["num_heads"],
