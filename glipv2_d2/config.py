@@ -180,6 +180,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.TEST.LVIS_FIXED_AP = False  # LVIS "fixed AP": top 10,000 detections per category over the split
     cfg.TEST.REFERRING_SCORE_THRESHOLD = 0.5  # referring masks: union of a phrase's detections scoring >= this
     cfg.TEST.PROMPT_FILE = ""  # tuned prompt file replacing the vocabulary prompt in evaluation and the predictor
+    cfg.TEST.FUSION_BATCH_MEMORY_MB = 4096  # estimated memory of image-prompt pairs fused in one batch (0: one pair)
 
     # Prompt tuning (official GLIP language_prompt_v2): the training vocabulary's prompt gets a learned
     # offset on its text-encoder output, every network parameter frozen; writes OUTPUT_DIR/prompt_final.pth.

@@ -45,6 +45,8 @@ class GLIPv2Predictor:
     """
 
     def __init__(self, cfg: CfgNode, batch_size: int = 1):
+        """``batch_size``: images per backbone pass; an image's prompts (a long vocabulary's chunks)
+        share its pass and run through the fusion tower in groups within TEST.FUSION_BATCH_MEMORY_MB."""
         check_device_available(cfg)
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg).eval()
@@ -181,17 +183,22 @@ class GLIPv2Predictor:
 
     @torch.no_grad()
     def _predict(self, images: list[np.ndarray], prompts_per_image: list[list[Prompt]]) -> list[Instances]:
-        jobs = [(i, prompt) for i, prompts in enumerate(prompts_per_image) for prompt in prompts]
-        per_image: list[list[Instances]] = [[] for _ in images]
-        for start in range(0, len(jobs), self.batch_size):
-            batch = jobs[start:start + self.batch_size]
-            outputs = self.model.inference([self._model_input(images[i], prompt) for i, prompt in batch], finish=False)
-            for (i, _), output in zip(batch, outputs):
-                per_image[i].append(output["instances"].to("cpu"))
+        """``batch_size`` images per backbone pass, each read with all its prompts in one call
+        (``GLIPv2.inference_over_prompt_lists``: the prompts share the image's backbone levels and go
+        through the fusion tower together), then each image's detections merged."""
         results = []
-        for parts, prompts in zip(per_image, prompts_per_image):
-            merged = self.model.finish_instances(merge_chunk_detections(parts, self.cfg.TEST.DETECTIONS_PER_IMAGE))
-            names = {label: name for prompt in prompts for label, name in prompt.label_names.items()}
-            merged.pred_phrases = np.array([names[int(c)] for c in merged.pred_classes], dtype=object)
-            results.append(merged)
+        for start in range(0, len(images), self.batch_size):
+            batch = range(start, min(start + self.batch_size, len(images)))
+            inputs = [self._model_input(images[i], None) for i in batch]
+            per_image = self.model.inference_over_prompt_lists(inputs, [prompts_per_image[i] for i in batch])
+            results += [self._merge(parts, prompts_per_image[i]) for i, parts in zip(batch, per_image, strict=True)]
         return results
+
+    def _merge(self, parts: list[Instances], prompts: list[Prompt]) -> Instances:
+        """One image's detections of all its prompts, cut to TEST.DETECTIONS_PER_IMAGE, finished
+        (masks pasted) and named."""
+        parts = [part.to("cpu") for part in parts]
+        merged = self.model.finish_instances(merge_chunk_detections(parts, self.cfg.TEST.DETECTIONS_PER_IMAGE))
+        names = {label: name for prompt in prompts for label, name in prompt.label_names.items()}
+        merged.pred_phrases = np.array([names[int(c)] for c in merged.pred_classes], dtype=object)
+        return merged

@@ -1,8 +1,10 @@
 """Detection evaluation of a grounding model: the dataset's vocabulary is the prompt.
 
 The vocabulary is split into prompts that fit the token limit (or into fixed-size chunks, e.g. 40
-categories per prompt as the paper's LVIS protocol), the model runs once per chunk, and each image's
-detections are concatenated, as official GLIP does. Labels are the dataset's contiguous class ids,
+categories per prompt as the paper's LVIS protocol), the model reads each image with every chunk, and
+each image's detections are concatenated, as official GLIP does (which runs the whole model once per
+chunk; here the backbone runs once per image and the chunks go through the fusion tower as batches,
+see ``GLIPv2.inference_over_prompt_lists``). Labels are the dataset's contiguous class ids,
 so Detectron2's COCOEvaluator / LVISEvaluator read the output unchanged.
 
 Each chunk keeps the model's own per-image cap (MODEL.ATSS.DETECTIONS_PER_IMG), so n chunks give up
@@ -45,7 +47,8 @@ class PromptedDetector(nn.Module):
     prompts are the vocabulary's chunks (``PromptBuilder.categories``), encoded once. An image's
     merged detections are cut to `max_detections_per_image` (None: every box, as fixed AP needs).
     Output-size fields (pasted masks) are made after the cut, so that 31 LVIS chunks never hold
-    their full-image masks at once; the backbone runs once per batch for all chunks."""
+    their full-image masks at once; the backbone runs once per batch for all chunks, which go through
+    the fusion tower in groups within TEST.FUSION_BATCH_MEMORY_MB."""
 
     def __init__(self, model: nn.Module, prompts: Sequence[Prompt], max_detections_per_image: int | None = None):
         super().__init__()

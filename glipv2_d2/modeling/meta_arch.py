@@ -38,6 +38,7 @@ from .language.build import resolve_text_model_path
 from .losses import GroundingATSSLoss
 from .mlm import MaskedLanguageModelingHead, MaskingVocabulary, load_pretrained_mlm_head, mask_tokens
 from .postprocessing import ATSSPostProcessor
+from .prompt_batching import FusionBatchBudget, PromptPair
 from .task_heads import TaskHeadInputs, build_task_heads
 
 
@@ -49,6 +50,16 @@ class EncodedText:
     mask: Tensor  # (B, T) 1 on real tokens
     token_categories: Tensor  # (B, T) category uid of each token, NO_CATEGORY elsewhere
     mlm_labels: Tensor | None = None  # (B, T) original ids of MLM-corrupted tokens, -100 elsewhere
+
+    def rows(self, index: Sequence[int], length: int) -> "EncodedText":
+        """The rows ``index`` (repeats allowed) cut to their first ``length`` tokens: a group of
+        prompts encoded with longer ones needs no more padding than its own longest."""
+        rows = torch.tensor(list(index), device=self.hidden.device)
+        return EncodedText(
+            hidden=self.hidden[rows, :length],
+            mask=self.mask[rows, :length],
+            token_categories=self.token_categories[rows, :length],
+        )
 
 
 @dataclass
@@ -100,6 +111,7 @@ class GLIPv2(nn.Module):
         mlm_loss_weight: float = 1.0,
         task_heads: nn.ModuleDict | None = None,
         caption_mode: bool = False,
+        fusion_batch: FusionBatchBudget | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -128,6 +140,7 @@ class GLIPv2(nn.Module):
         if caption_mode and "CaptionHead" not in self.task_heads:
             raise ValueError("MODEL.CAPTION_ON is True but MODEL.GLIPV2.TASK_HEADS does not name CaptionHead: add it")
         self.caption_mode = caption_mode
+        self.fusion_batch = fusion_batch or FusionBatchBudget()
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -162,6 +175,12 @@ class GLIPv2(nn.Module):
             "mlm_only_positive_phrases": mlm.ONLY_POSITIVE_PHRASES,
             "mlm_loss_weight": mlm.LOSS_WEIGHT,
             "caption_mode": cfg.MODEL.CAPTION_ON,
+            "fusion_batch": FusionBatchBudget(
+                memory_mb=cfg.TEST.FUSION_BATCH_MEMORY_MB,
+                channels=max(shape.channels for shape in [*levels, *fused]),
+                embed_dim=cfg.MODEL.DYHEAD.FUSION.EMBED_DIM,
+                num_heads=cfg.MODEL.DYHEAD.FUSION.NUM_HEADS,
+            ),
         }
 
     @property
@@ -351,21 +370,63 @@ class GLIPv2(nn.Module):
         return self.postprocess(images, batched_inputs, prompts, text, outputs, rescale=do_postprocess, finish=finish)
 
     def inference_over_prompts(self, batched_inputs: list[dict], prompts: Sequence[Prompt]) -> list[list[Instances]]:
-        """Every image read with each prompt in turn (e.g. a long vocabulary's chunks): per image, one
-        unfinished ``Instances`` per prompt, as ``inference(..., finish=False)`` gives them. The
-        backbone runs once for all prompts, since only the fusion tower and the head read the text."""
+        """Every image read with each of ``prompts`` (e.g. a long vocabulary's chunks): see
+        ``inference_over_prompt_lists``."""
+        return self.inference_over_prompt_lists(batched_inputs, [prompts] * len(batched_inputs))
+
+    def inference_over_prompt_lists(
+        self, batched_inputs: list[dict], prompt_lists: Sequence[Sequence[Prompt]]
+    ) -> list[list[Instances]]:
+        """Each image read with each prompt of its own list: per image, one unfinished ``Instances``
+        per prompt in list order, as ``inference(..., finish=False)`` gives them.
+
+        Only the fusion tower and the head read the text, so the backbone runs once per image and the
+        text encoder once for the distinct prompts; the (image, prompt) pairs then run through fusion,
+        head and post-processing in groups within TEST.FUSION_BATCH_MEMORY_MB (``FusionBatchBudget``),
+        each group padded to its longest prompt. Padding changes no output at real tokens (see
+        ``VLDyHeadTower``) and no label score (a label averages its own tokens only)."""
+        if len(prompt_lists) != len(batched_inputs):
+            raise ValueError(f"{len(batched_inputs)} images but {len(prompt_lists)} prompt lists")
+        empty = [i for i, prompts in enumerate(prompt_lists) if not prompts]
+        if empty:
+            raise ValueError(f"images {empty} have no prompt")
+        distinct = list({id(p): p for prompts in prompt_lists for p in prompts}.values())
+        row_of = {id(p): row for row, p in enumerate(distinct)}
+        pairs = [
+            PromptPair(i, k, row_of[id(p)]) for i, prompts in enumerate(prompt_lists) for k, p in enumerate(prompts)
+        ]
         images = self.preprocess_image(batched_inputs)
         pre_fusion = self.extract_features(images)
-        per_image: list[list[Instances]] = [[] for _ in batched_inputs]
-        for prompt in prompts:
-            prompted = [{**x, "prompt": prompt} for x in batched_inputs]
-            same_prompt = [prompt] * len(batched_inputs)
-            text = self.encode_text(same_prompt)
-            outputs = self.run_network(images, text, pre_fusion=pre_fusion)
-            results = self.postprocess(images, prompted, same_prompt, text, outputs, finish=False)
-            for parts, result in zip(per_image, results, strict=True):
-                parts.append(result["instances"])
+        text = self.encode_text(distinct)
+        lengths = [text.mask.shape[1] if self.pad_to_max_query_len else len(p) for p in distinct]
+        positions = sum(level.shape[-2] * level.shape[-1] for level in pre_fusion)
+        per_image: list[list[Instances]] = [[None] * len(prompts) for prompts in prompt_lists]
+        for group in self.fusion_batch.groups(pairs, lengths, positions):
+            group_text = text.rows([pair.row for pair in group], max(lengths[pair.row] for pair in group))
+            results = self._infer_pairs(images, pre_fusion, batched_inputs, distinct, group_text, group)
+            for pair, instances in zip(group, results, strict=True):
+                per_image[pair.image][pair.prompt] = instances
         return per_image
+
+    def _infer_pairs(
+        self,
+        images: ImageList,
+        pre_fusion: list[Tensor],
+        batched_inputs: list[dict],
+        prompts: list[Prompt],
+        text: EncodedText,
+        pairs: list[PromptPair],
+    ) -> list[Instances]:
+        """Unfinished detections of one group of pairs run as one batch: each pair's image rows
+        repeated from the batch's backbone levels (no backbone rerun), ``text`` already in pair order."""
+        index = torch.tensor([pair.image for pair in pairs], device=self.device)
+        group_images = ImageList(images.tensor.index_select(0, index), [images.image_sizes[p.image] for p in pairs])
+        features = [level.index_select(0, index) for level in pre_fusion]
+        group_prompts = [prompts[pair.row] for pair in pairs]
+        inputs = [{**batched_inputs[pair.image], "prompt": prompt} for pair, prompt in zip(pairs, group_prompts)]
+        outputs = self.run_network(group_images, text, pre_fusion=features)
+        results = self.postprocess(group_images, inputs, group_prompts, text, outputs, finish=False)
+        return [result["instances"] for result in results]
 
     def generate_captions(
         self,
