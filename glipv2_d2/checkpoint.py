@@ -76,6 +76,61 @@ def is_ignored_official_key(key: str) -> bool:
     return any(re.match(pattern, key) for pattern in IGNORED_OFFICIAL_KEYS)
 
 
+# OFFICIAL_PREFIX_RULES read backwards, for writing a model's weights as an official release would
+# hold them. The text encoder is written under the BERT-type prefix (a CLIP-type one has no "model."
+# there officially); the converter reads both back to the same key.
+MODEL_PREFIX_RULES: tuple[tuple[str, str], ...] = (
+    (r"^backbone\.bottom_up\.", "backbone.body."),
+    (r"^backbone\.fpn_lateral(\d+)\.", "backbone.fpn.fpn_inner{-1}."),
+    (r"^backbone\.fpn_output(\d+)\.", "backbone.fpn.fpn_layer{-1}."),
+    (r"^backbone\.top_block\.", "backbone.fpn.top_blocks."),
+    (r"^language_backbone\.model\.", "language_backbone.body.model."),
+    (r"^fusion\.layers\.(\d+)\.(text_layer\.|dyconv\.)?", "rpn.head.dyhead_tower.{tower}."),
+    (r"^mlm_head\.", "rpn.head.mlm_head."),
+    (r"^head\.", "rpn.head."),
+    (r"^inter_image_loss\.image_projection\.", "rpn.loss_evaluator.shallow_contrastive_projection_image."),
+    (r"^inter_image_loss\.text_projection\.", "rpn.loss_evaluator.shallow_contrastive_projection_text."),
+    (r"^inter_image_loss\.log_scale$", "rpn.loss_evaluator.shallow_log_scale"),
+    (r"^task_heads\.MaskHead\.", "roi_heads.mask."),
+)
+
+
+def model_to_official_key(key: str) -> str | None:
+    """The official name of one of our keys (None when it has none), checked by converting it back:
+    the two rule lists cannot drift apart unnoticed."""
+    for pattern, target in MODEL_PREFIX_RULES:
+        match = re.match(pattern, key)
+        if match is None:
+            continue
+        rest = key[match.end():]
+        if "{-1}" in target:
+            official = target.replace("{-1}", str(int(match.group(1)) - 1)) + rest
+        elif "{tower}" in target:
+            index = 3 * int(match.group(1)) + TOWER_PARTS.index(match.group(2) or "")
+            official = target.replace("{tower}", str(index)) + rest
+        else:
+            official = target + rest
+        if official_to_model_key(official) != key:
+            raise AssertionError(f"{key} -> {official} converts back to {official_to_model_key(official)}")
+        return official
+    return None
+
+
+def to_official_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """``model``'s weights under official GLIP names, with its cell anchors as a release stores them:
+    what ``GLIPv2Checkpointer`` / ``convert_official_checkpoint`` read. Lets tests and checks load
+    random weights the way a user loads an official checkpoint."""
+    state = model.state_dict()
+    names = {key: model_to_official_key(key) for key in state}
+    unnamed = [key for key, name in names.items() if name is None]
+    if unnamed:
+        raise CheckpointMismatchError(f"parameters with no official name ({len(unnamed)}): {unnamed[:20]}")
+    official = {names[key]: value for key, value in state.items()}
+    for level, anchors in enumerate(model.anchor_generator.cell_anchors.buffers()):
+        official[f"rpn.anchor_generator.cell_anchors.{level}"] = anchors
+    return official
+
+
 class CheckpointMismatchError(ValueError):
     """Raised when an official checkpoint and this model do not correspond key for key."""
 

@@ -15,11 +15,14 @@ from glipv2_d2.checkpoint import (
     GLIPv2Checkpointer,
     convert_official_state_dict,
     is_ignored_official_key,
+    model_to_official_key,
     official_to_model_key,
+    to_official_state_dict,
 )
 from tools.convert_glip_checkpoint import main as convert_main
 
 from .conftest import DATA_DIR
+from .tiny_model import tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +86,37 @@ def test_ignored_keys_are_only_the_documented_ones():
         "language_backbone.body.model.embeddings.position_ids",
         *(f"rpn.anchor_generator.cell_anchors.{i}" for i in range(5)),
     }
+
+
+def test_model_keys_get_their_released_official_names():
+    """The inverse naming gives back every released GLIP-T key (pre-training heads included)."""
+    rows = released_checkpoint_rows(("base", *PRETRAINING_OPTIONS))
+    for key, _, _ in rows:
+        if not is_ignored_official_key(key):
+            assert model_to_official_key(official_to_model_key(key)) == key
+
+
+def test_weights_written_under_official_names_load_back_strictly(tmp_path):
+    """What tools/check_cuda.py does with random weights: official names, release layout, strict load."""
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    source = build_model(cfg)
+    official = to_official_state_dict(source)
+    assert {"rpn.anchor_generator.cell_anchors.0", "rpn.head.dyhead_tower.1.attention.self.key.bias"} <= set(official)
+    path = tmp_path / "official_random.pth"
+    torch.save({"model": {"module." + k: v for k, v in official.items()}}, path)
+    torch.manual_seed(1)
+    target = build_model(cfg)
+    GLIPv2Checkpointer(target, strict=True).load(str(path))
+    expected = source.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in target.state_dict().items())
+
+
+def test_parameters_without_an_official_name_are_listed():
+    model = torch.nn.Module()
+    model.vqa_classifier = torch.nn.Linear(2, 2)
+    with pytest.raises(CheckpointMismatchError, match="vqa_classifier.weight"):
+        to_official_state_dict(model)
 
 
 def test_official_file_converts_and_loads_through_detectron2(glip_t_model, tmp_path):
