@@ -130,6 +130,23 @@ def test_predictor_reads_two_prompts_of_one_image_with_one_backbone_pass(predict
     assert list(both.pred_phrases) == [names[label] for label in both.pred_classes.tolist()]
 
 
+def test_predictor_reads_a_list_of_prompt_objects_with_one_backbone_pass(predictor):
+    """``predictor(image, [prompt_a, prompt_b])``: one Instances per prompt, in its own labels."""
+    prompts = [predictor.build_prompts(caption)[0] for caption in ("a red circle", "a blue square and a green one")]
+    with counted(predictor.model.backbone) as backbone:
+        both = predictor(IMAGES[0], prompts)
+    assert backbone == [1]
+    assert isinstance(both, list) and len(both) == 2
+    for got, prompt in zip(both, prompts, strict=True):
+        want = predictor(IMAGES[0], prompt)
+        match = assert_same_detections(got, want)
+        assert list(got.pred_phrases) == list(want.pred_phrases[match])
+    with pytest.raises(ValueError, match="no phrases"):
+        predictor(IMAGES[0], prompts, phrases=["red circle"])
+    with pytest.raises(TypeError, match="list of Prompt objects"):
+        predictor.predict_prompts(IMAGES[0], ["a red circle"])
+
+
 def test_predict_batch_reads_every_prompt_of_its_images_with_one_backbone_pass(predictor, monkeypatch):
     monkeypatch.setattr(predictor.prompt_builder, "chunk_size", 3)
     caption = "a red circle left of a blue square"

@@ -61,10 +61,28 @@ class GLIPv2Predictor:
 
     def __call__(self, image: ImageInput, prompt: PromptInput | Prompt | None = None,
                  phrases: Sequence[str] | None = None, spans: Sequence | None = None, input_format: str = "BGR",
-                 prompt_file: str | Path | None = None) -> Instances:
-        """``prompt_file``: read the image with that tuned prompt (see ``with_tuned_prompt``)."""
+                 prompt_file: str | Path | None = None) -> Instances | list[Instances]:
+        """``prompt_file``: read the image with that tuned prompt (see ``with_tuned_prompt``).
+        A list of ``Prompt`` objects (e.g. two captions) gives a list of Instances, one per prompt,
+        all from one backbone pass (see ``predict_prompts``)."""
+        if _is_prompt_list(prompt):
+            if phrases is not None or spans is not None or prompt_file is not None:
+                raise ValueError("a list of Prompt objects takes no phrases, spans or prompt_file")
+            return self.predict_prompts(image, prompt, input_format)
         prompts = self.build_prompts(self.with_tuned_prompt(prompt, prompt_file), phrases, spans)
         return self._predict([self.load_image(image, input_format)], [prompts])[0]
+
+    def predict_prompts(self, image: ImageInput, prompts: Sequence[Prompt], input_format: str = "BGR",
+                        ) -> list[Instances]:
+        """One image read with several independent prompts (built with ``build_prompts``, tuned,
+        ...): one Instances per prompt in that prompt's own labels, each cut to
+        TEST.DETECTIONS_PER_IMAGE. The backbone runs once and the prompts go through the fusion
+        tower together, within TEST.FUSION_BATCH_MEMORY_MB."""
+        if not _is_prompt_list(prompts):
+            raise TypeError(f"predict_prompts takes a non-empty list of Prompt objects, got {prompts!r}")
+        model_input = self._model_input(self.load_image(image, input_format), None)
+        parts = self.model.inference_over_prompt_lists([model_input], [list(prompts)])[0]
+        return [self._merge([part], [prompt]) for part, prompt in zip(parts, prompts, strict=True)]
 
     def with_tuned_prompt(self, prompt: PromptInput | Prompt | None, prompt_file: str | Path | None = None):
         """The tuned prompt of ``prompt_file``, else of TEST.PROMPT_FILE for a category list or no
@@ -202,3 +220,8 @@ class GLIPv2Predictor:
         names = {label: name for prompt in prompts for label, name in prompt.label_names.items()}
         merged.pred_phrases = np.array([names[int(c)] for c in merged.pred_classes], dtype=object)
         return merged
+
+
+def _is_prompt_list(prompt: object) -> bool:
+    """A non-empty list or tuple of ``Prompt`` objects (a list of strings is a category list)."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(p, Prompt) for p in prompt)
