@@ -28,6 +28,12 @@ Where the time goes inside fusion layer 0, the prediction head and the post-proc
 (--profile-ops: torch.profiler, top ops by self time, fp32):
   python tools/benchmark.py --config-file configs/quickstart/demo.yaml --device cpu --precision fp32 \
       --iters 2 --warmup 1 --height 256 --width 320 --profile-ops MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256
+Training throughput (--train: forward with the real loss, backward and optimizer step per precision and
+--checkpointing setting, peak memory, first/last loss, and the training data loader's time per batch
+next to the step's; see glipv2_d2/benchmarking/training.py), e.g. the quick-start training recipe on CPU:
+  python tools/benchmark.py --train --config-file configs/quickstart/train.yaml --device cpu --batch-size 4 \
+      --height 192 --width 256 --iters 3 --warmup 0 --precision fp32,bf16 --checkpointing none,fusion \
+      MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
 from torch import nn
 
-from glipv2_d2.benchmarking import op_profile
+from glipv2_d2.benchmarking import op_profile, training
 from glipv2_d2.benchmarking.peers import PEER_CONFIGS, build_peer, compare_with_glipv2, comparison_table
 from glipv2_d2.checkpoint import GLIPv2Checkpointer
 from glipv2_d2.config import setup_cfg
@@ -87,14 +93,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-ops", action="store_true",
                         help="also profile the ops of fusion layer 0, the head and post-processing (fp32)")
     parser.add_argument("--json-lines", type=Path, help="write every result row as one JSON object per line")
+    parser.add_argument("--train", action="store_true",
+                        help="time training steps (real loss, backward, optimizer) instead of inference")
+    parser.add_argument("--checkpointing", default="none,fusion",
+                        help=f"--train: comma-separated gradient-checkpointing settings among "
+                             f"{','.join(training.CHECKPOINTING)}")
+    parser.add_argument("--data-batches", type=int, default=3,
+                        help="--train: timed batches of the training data loader")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
     unknown = [p for p in args.precision if p not in PRECISIONS]
     if unknown or not args.precision:
         parser.error(f"--precision: unknown {unknown}; choose among {', '.join(PRECISIONS)}")
-    if min(args.batch_size, args.iters, args.height, args.width, args.caption_tokens) < 1 or args.warmup < 0:
-        parser.error("--batch-size, --iters, --height, --width and --caption-tokens must be >= 1 and --warmup >= 0")
+    if min(args.batch_size, args.iters, args.height, args.width, args.caption_tokens, args.data_batches) < 1 \
+            or args.warmup < 0:
+        parser.error("--batch-size, --iters, --height, --width, --caption-tokens and --data-batches must be >= 1 "
+                     "and --warmup >= 0")
+    args.checkpointing = [c.strip() for c in args.checkpointing.split(",") if c.strip()]
+    unknown = [c for c in args.checkpointing if c not in training.CHECKPOINTING]
+    if unknown or not args.checkpointing:
+        parser.error(f"--checkpointing: unknown {unknown}; choose among {', '.join(training.CHECKPOINTING)}")
+    if args.train and (args.profile_stages or args.caption_decoding or args.peer or args.profile_ops):
+        parser.error("--train times training alone: drop --profile-stages, --caption-decoding, --peer, --profile-ops")
     return args
 
 
@@ -273,11 +294,74 @@ def json_lines(report: dict) -> list[dict]:
     return lines
 
 
+def skip_reason(precision: str, device: str) -> str | None:
+    """Why a precision is not timed on this device, or None."""
+    if precision == "fp16" and device == "cpu":
+        return "fp16 autocast is not benchmarked on CPU"
+    if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU does not support bf16"
+    return None
+
+
+def write_outputs(args: argparse.Namespace, report: dict, lines: list[dict]) -> None:
+    """--json (the whole report) and --json-lines (one object per row)."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+    if args.json_lines:
+        args.json_lines.parent.mkdir(parents=True, exist_ok=True)
+        args.json_lines.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        print(f"wrote {args.json_lines}")
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """--train: training steps per checkpointing setting and precision, and the data loader's time."""
+    cfg = setup_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", args.device])
+    torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+    skipped = {p: reason for p in args.precision if (reason := skip_reason(p, args.device))}
+    precisions = {p: PRECISIONS[p] for p in args.precision if p not in skipped}
+    weights = args.weights or cfg.MODEL.WEIGHTS
+    try:
+        rows, data = training.run(cfg, precisions, args.checkpointing, args.batch_size, args.height, args.width,
+                                  args.iters, args.warmup, args.data_batches, weights)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    base = {"device_name": device_name(args.device), "torch": torch.__version__, "batch_size": args.batch_size,
+            "height": args.height, "width": args.width, "warmup": args.warmup, "iters": args.iters}
+    rows = [base | row for row in rows]
+    memory_label = ("peak CUDA allocated (MiB)" if args.device == "cuda"
+                    else "peak RSS growth over the steps (MiB)")
+    notes = [f"data time: the training loader with {data['num_workers']} worker(s), {data['data_batches']} batches "
+             f"after a first of {data['data_first_batch_ms']:.0f} ms; data-bound when it exceeds the step's median"]
+    if args.device == "cpu":
+        notes.append("on the CPU the loader's workers and the training step share the same cores")
+        notes.append("CPU memory: resident-memory peak sampled every 5 ms minus that before the row's first step; "
+                     "the first row also holds the process's one-off allocations")
+    print(f"\nconfig {args.config_file}, training with the {len(training.COCO_NAMES)} COCO names in each prompt, "
+          f"{args.warmup} warm-up + {args.iters} timed steps\n")
+    print(training.markdown_table(rows, memory_label))
+    for precision, reason in skipped.items():
+        print(f"- skipped {precision}: {reason}")
+    for note in notes:
+        print(f"- note: {note}")
+    report = {"config": args.config_file, "opts": args.opts, "weights": weights, "device": args.device,
+              "mode": "train", "iters": args.iters, "warmup": args.warmup, "memory_metric": memory_label,
+              "rows": rows, "skipped": skipped, "notes": notes, "data_loader": data}
+    common = {"config": args.config_file, "device": args.device}
+    write_outputs(args, report, [common | {"table": "training"} | row for row in rows]
+                  + [common | {"table": "data_loader"} | data])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 1
+    if args.train:
+        return train_main(args)
     rss_at_start = max_rss_mib()
     cfg, model = setup(args)
     try:
@@ -298,10 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     peer = build_peer(args.peer, args.device, SEED) if args.peer else None
     rows, peer_rows, skipped = [], [], {}
     for precision in args.precision:
-        if precision == "fp16" and args.device == "cpu":
-            skipped[precision] = "fp16 autocast is not benchmarked on CPU"
-        elif precision == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
-            skipped[precision] = "this GPU does not support bf16"
+        if reason := skip_reason(precision, args.device):
+            skipped[precision] = reason
         else:
             print(f"timing {precision} ...", flush=True)
             rows.append(base | time_precision(model, inputs, args.device, precision, args.iters, args.warmup,
@@ -339,14 +421,7 @@ def main(argv: list[str] | None = None) -> int:
               "device": args.device, "iters": args.iters, "warmup": args.warmup, "memory_metric": memory_label,
               "rows": rows, "skipped": skipped, "notes": notes, "stages_ms": stages,
               "caption_decoding": decoding, "peer_rows": peer_rows, "op_profile": ops}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.json}")
-    if args.json_lines:
-        args.json_lines.parent.mkdir(parents=True, exist_ok=True)
-        args.json_lines.write_text("".join(json.dumps(line) + "\n" for line in json_lines(report)))
-        print(f"wrote {args.json_lines}")
+    write_outputs(args, report, json_lines(report))
     return 0
 
 
