@@ -46,3 +46,37 @@ def test_benchmark_loads_weights_strictly_and_times_the_models_own_stages(tmp_pa
     assert all(ms > 0 for ms in stages.values())
     with pytest.raises(CheckpointMismatchError, match="head.bbox_pred.weight"):
         main([*argv[:2], "--weights", str(partial), *argv[2:]])
+
+
+def test_lvis_vocabulary_times_every_chunk_with_one_backbone_pass(tmp_path, monkeypatch):
+    """--vocabulary lvis: the 1,203 LVIS names (1,198 distinct after cleaning) in prompts of
+    --chunk-size, each image read with all of them and the backbone run once per forward."""
+    import tools.benchmark as benchmark
+
+    backbone_calls = []
+    original_setup = benchmark.setup
+
+    def counting_setup(args):
+        cfg, model = original_setup(args)
+        model.backbone.register_forward_hook(lambda *_: backbone_calls.append(1))
+        return cfg, model
+
+    monkeypatch.setattr(benchmark, "setup", counting_setup)
+    out = tmp_path / "lvis.jsonl"
+    argv = ["--config-file", str(REPO / "configs" / "quickstart" / "demo.yaml"), "--device", "cpu",
+            "--precision", "fp32", "--iters", "1", "--warmup", "0", "--height", "64", "--width", "96",
+            "--vocabulary", "lvis", "--chunk-size", "100", "--json-lines", str(out),
+            "MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN", "512", "TEST.FUSION_BATCH_MEMORY_MB", "0"]
+    assert main(argv) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["vocabulary"], row["names"], row["chunk_size"]) == ("lvis", 1203, 100)
+    assert row["chunks"] == 12  # ceil(1198 / 100)
+    assert row["ms_per_batch_median"] > 0
+    assert backbone_calls == [1]
+
+
+def test_lvis_vocabulary_refuses_the_coco_only_options():
+    with pytest.raises(SystemExit):
+        main(["--vocabulary", "lvis", "--peer", "grounding-dino"])
+    with pytest.raises(SystemExit):
+        main(["--vocabulary", "lvis", "--chunk-size", "0"])

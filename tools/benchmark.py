@@ -34,6 +34,11 @@ next to the step's; see glipv2_d2/benchmarking/training.py), e.g. the quick-star
   python tools/benchmark.py --train --config-file configs/quickstart/train.yaml --device cpu --batch-size 4 \
       --height 192 --width 256 --iters 3 --warmup 0 --precision fp32,bf16 --checkpointing none,fusion \
       MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256
+A long vocabulary as LVIS evaluation reads it (--vocabulary lvis: the 1,203 LVIS v1 names, 1,198
+distinct after cleaning, in prompts of --chunk-size names; the backbone runs once per image and the
+chunks go through the fusion tower in groups within TEST.FUSION_BATCH_MEMORY_MB):
+  python tools/benchmark.py --config-file configs/glipv2_T.yaml --device cuda --vocabulary lvis --chunk-size 40 \
+      --precision fp32,bf16 --json-lines out/bench_T_lvis.jsonl MODEL.DYHEAD.PRIOR_PROB 0.5
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from pathlib import Path
 import torch
 from detectron2.config import CfgNode
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+from detectron2.data.datasets.lvis import get_lvis_instances_meta
 from detectron2.modeling import build_model
 from torch import nn
 
@@ -60,10 +66,12 @@ from glipv2_d2.benchmarking.peers import PEER_CONFIGS, build_peer, compare_with_
 from glipv2_d2.checkpoint import GLIPv2Checkpointer
 from glipv2_d2.config import setup_cfg
 from glipv2_d2.data.prompt_builder import PromptBuilder
+from glipv2_d2.evaluation.prompted_inference import PromptedDetector
 from glipv2_d2.modeling.caption import CaptionDecodingOptions
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COCO_NAMES = [c["name"] for c in COCO_CATEGORIES if c["isthing"] == 1]
+LVIS_NAMES = get_lvis_instances_meta("lvis_v1")["thing_classes"]
 SEED = 0
 MIB = 2**20
 STAGES = ("preprocess", "backbone", "text encoder", "fusion + head", "post-processing")
@@ -100,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{','.join(training.CHECKPOINTING)}")
     parser.add_argument("--data-batches", type=int, default=3,
                         help="--train: timed batches of the training data loader")
+    parser.add_argument("--vocabulary", choices=["coco", "lvis"], default="coco",
+                        help="coco: the 80 COCO names in one prompt; lvis: the 1,203 LVIS names in --chunk-size chunks")
+    parser.add_argument("--chunk-size", type=int, default=40,
+                        help="names per prompt with --vocabulary lvis (GLIP's LVIS evaluation uses 40)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
@@ -116,6 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--checkpointing: unknown {unknown}; choose among {', '.join(training.CHECKPOINTING)}")
     if args.train and (args.profile_stages or args.caption_decoding or args.peer or args.profile_ops):
         parser.error("--train times training alone: drop --profile-stages, --caption-decoding, --peer, --profile-ops")
+    if args.vocabulary == "lvis" and (args.train or args.profile_stages or args.caption_decoding or args.peer
+                                      or args.profile_ops):
+        parser.error("--vocabulary lvis times chunked detection alone: drop --train, --profile-stages, "
+                     "--caption-decoding, --peer, --profile-ops")
+    if args.chunk_size < 1:
+        parser.error("--chunk-size must be >= 1")
     return args
 
 
@@ -134,6 +152,16 @@ def setup(args: argparse.Namespace) -> tuple[CfgNode, nn.Module]:
     return cfg, model
 
 
+def make_images(batch_size: int, height: int, width: int) -> list[dict]:
+    """One batch of random uint8 images at the network input size, without prompts."""
+    generator = torch.Generator().manual_seed(SEED)
+    return [
+        {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
+         "height": height, "width": width}
+        for _ in range(batch_size)
+    ]
+
+
 def make_inputs(model: nn.Module, cfg: CfgNode, batch_size: int, height: int, width: int) -> list[dict]:
     """One batch of random uint8 images, each with the COCO vocabulary as a single prompt."""
     prompts = PromptBuilder(cfg, model.tokenizer).categories(COCO_NAMES)
@@ -143,16 +171,18 @@ def make_inputs(model: nn.Module, cfg: CfgNode, batch_size: int, height: int, wi
             f"{cfg.MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN} tokens, but the benchmark times one prompt per image: "
             "add MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256 (and TEST.PROMPT_CHUNK_SIZE 0)"
         )
-    generator = torch.Generator().manual_seed(SEED)
-    return [
-        {
-            "image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator),
-            "height": height,
-            "width": width,
-            "prompt": prompts[0],
-        }
-        for _ in range(batch_size)
-    ]
+    return [{**x, "prompt": prompts[0]} for x in make_images(batch_size, height, width)]
+
+
+def lvis_detector(model: nn.Module, cfg: CfgNode, chunk_size: int) -> PromptedDetector:
+    """The model as LVIS evaluation runs it: the 1,203 LVIS v1 names in prompts of ``chunk_size``
+    names, every image read with all of them (backbone once, the chunks batched through the fusion
+    tower within TEST.FUSION_BATCH_MEMORY_MB), merged and cut to TEST.DETECTIONS_PER_IMAGE."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.TEST.PROMPT_CHUNK_SIZE = chunk_size
+    prompts = PromptBuilder(cfg, model.tokenizer).categories(LVIS_NAMES)
+    return PromptedDetector(model, prompts, max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
 
 
 def synchronize(device: str) -> None:
@@ -355,6 +385,38 @@ def train_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def lvis_main(args: argparse.Namespace, cfg: CfgNode, model: nn.Module, rss_at_start: float) -> int:
+    """Time LVIS-style chunked detection per precision (what LVIS evaluation costs per image)."""
+    detector = lvis_detector(model, cfg, args.chunk_size)
+    inputs = make_images(args.batch_size, args.height, args.width)
+    memory_label = ("peak CUDA allocated (MiB)" if args.device == "cuda"
+                    else "process max-RSS growth since start (MiB)")
+    base = {"device_name": device_name(args.device), "torch": torch.__version__, "batch_size": args.batch_size,
+            "height": args.height, "width": args.width, "vocabulary": "lvis", "names": len(LVIS_NAMES),
+            "chunks": len(detector.prompts), "chunk_size": args.chunk_size,
+            "fusion_batch_memory_mb": cfg.TEST.FUSION_BATCH_MEMORY_MB}
+    rows, skipped = [], {}
+    for precision in args.precision:
+        if reason := skip_reason(precision, args.device):
+            skipped[precision] = reason
+            continue
+        print(f"timing {precision} ...", flush=True)
+        rows.append(base | time_precision(detector, inputs, args.device, precision, args.iters, args.warmup,
+                                          rss_at_start))
+    print(f"\nconfig {args.config_file}, {len(LVIS_NAMES)} LVIS names in {len(detector.prompts)} prompts of "
+          f"<= {args.chunk_size}, TEST.FUSION_BATCH_MEMORY_MB {cfg.TEST.FUSION_BATCH_MEMORY_MB}, "
+          f"{args.warmup} warm-up + {args.iters} timed iterations\n")
+    print(markdown_table(rows, memory_label))
+    for precision, reason in skipped.items():
+        print(f"- skipped {precision}: {reason}")
+    report = {"config": args.config_file, "opts": args.opts, "weights": args.weights or cfg.MODEL.WEIGHTS,
+              "device": args.device, "iters": args.iters, "warmup": args.warmup, "memory_metric": memory_label,
+              "rows": rows, "skipped": skipped}
+    common = {"config": args.config_file, "device": args.device, "table": "speed", "model": "glipv2"}
+    write_outputs(args, report, [common | row for row in rows])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -364,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(args)
     rss_at_start = max_rss_mib()
     cfg, model = setup(args)
+    if args.vocabulary == "lvis":
+        return lvis_main(args, cfg, model, rss_at_start)
     try:
         inputs = make_inputs(model, cfg, args.batch_size, args.height, args.width)
     except ValueError as error:
