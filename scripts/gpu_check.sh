@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check in one call, for a lent GPU machine that has torch/torchvision/transformers but no
-# detectron2. Expects .d2whl/ (carried, git-ignored) to hold the
-# sal-detectron2 wheel, the wheels of detectron2's small dependencies and a bert_tokenizer/ folder
-# (vocab.txt, tokenizer.json). Writes results under $OUT.
-set -euo pipefail
+# Every GPU check of the speed issue in one call, for a lent GPU machine that has
+# torch/torchvision/transformers but no detectron2. Expects .d2whl/ (carried, git-ignored) to hold
+# the sal-detectron2 wheel, the wheels of detectron2's small dependencies and a bert_tokenizer/
+# folder (vocab.txt, tokenizer.json). Writes results under $OUT (JSON lines + text logs) and prints
+# a short summary last. A failing step is reported and the next one still runs.
+set -uo pipefail
 OUT=${OUT:-output/gpu_check}
 mkdir -p "$OUT"
 python3 -m zipfile -e .d2whl/sal_detectron2-*.whl /tmp/d2
@@ -13,11 +14,43 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site $(ls .d2whl/*.
 python3 -c "import cv2" 2>/dev/null || { echo "note: no cv2 here, using an empty stand-in"; touch /tmp/site/cv2.py; }
 export PYTHONPATH=/tmp/site:/tmp/d2:$PWD
 TOKENIZER="MODEL.LANGUAGE_BACKBONE.TOKENIZER .d2whl/bert_tokenizer"
+BENCH="python3 tools/benchmark.py --config-file configs/glipv2_T.yaml --device cuda"
+FULL="$TOKENIZER MODEL.DYHEAD.PRIOR_PROB 0.5"  # random weights keep a full 100 detections
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 tools/check_cuda.py --config-file configs/glipv2_T.yaml --size 480 640 $TOKENIZER 2>&1 \
-  | grep -v -i warn | tee "$OUT/check_cuda.txt" || echo "check_cuda reported a mismatch"
-for BATCH in 1 2; do
-  python3 tools/benchmark.py --config-file configs/glipv2_T.yaml --device cuda --batch-size $BATCH \
-    --precision fp32,bf16,fp16 --iters 20 --warmup 5 --profile-stages --json "$OUT/glipv2_T_b$BATCH.json" \
-    $TOKENIZER MODEL.DYHEAD.PRIOR_PROB 0.5 2>&1 | grep -v -i warn | tee "$OUT/glipv2_T_b$BATCH.txt"
-done
+
+step() {  # step NAME COMMAND...: run, keep the log, never stop the script
+  local name=$1; shift
+  echo "== $name"
+  "$@" > "$OUT/$name.txt" 2>&1 || echo "!! $name failed (exit $?), see $OUT/$name.txt"
+  grep -v -i warn "$OUT/$name.txt" | grep -E "^\||PASS|FAIL|error" | tail -40
+}
+
+# fp32 against the CPU (TF32 off) and bf16 / fp16 detections against fp32 on 8 fixed images.
+step check_cuda python3 tools/check_cuda.py --config-file configs/glipv2_T.yaml --size 480 640 $TOKENIZER
+# Batch 1: every precision, the peer in the same process, stage and op profiles.
+step infer_b1 $BENCH --batch-size 1 --precision fp32,bf16,fp16 --iters 20 --warmup 5 --profile-stages \
+  --profile-ops --peer grounding-dino --json-lines "$OUT/infer_b1.jsonl" $FULL
+# The deformable conv as a gather + matmul (the CPU default) on CUDA, to decide its CUDA default.
+step infer_b1_gather $BENCH --batch-size 1 --precision fp32,bf16 --iters 20 --warmup 5 \
+  --json-lines "$OUT/infer_b1_gather.jsonl" $FULL MODEL.DYHEAD.DEFORM_CONV_IMPL gather
+# Batched throughput.
+step infer_b8 $BENCH --batch-size 8 --precision bf16,fp32 --iters 10 --warmup 3 --peer grounding-dino \
+  --json-lines "$OUT/infer_b8.jsonl" $FULL
+# LVIS-style vocabulary: 1,203 names in chunks of 40, backbone once, chunks batched.
+step infer_lvis $BENCH --vocabulary lvis --chunk-size 40 --batch-size 1 --precision bf16,fp32 --iters 5 \
+  --warmup 2 --json-lines "$OUT/infer_lvis.jsonl" $FULL
+# Training: batch 4 with the real loss, bf16 and fp32, with and without fusion checkpointing.
+step train_b4 $BENCH --train --batch-size 4 --precision bf16,fp32 --checkpointing none,fusion --iters 10 \
+  --warmup 3 --json-lines "$OUT/train_b4.jsonl" $TOKENIZER
+
+echo "== summary (images/s; peak MiB)"
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("table") in ("speed", "training"):
+            what = row.get("model", "glipv2") + (f" ckpt={row['checkpointing']}" if "checkpointing" in row else "")
+            print(f"{path.stem:16s} {what:28s} {row.get('precision', ''):5s} b{row.get('batch_size')} "
+                  f"{row.get('images_per_s', 0):7.2f} img/s  {row.get('peak_mem_mib', 0):8.0f} MiB")
+PY
