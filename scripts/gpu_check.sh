@@ -4,8 +4,15 @@
 # the sal-detectron2 wheel, the wheels of detectron2's small dependencies and a bert_tokenizer/
 # folder (vocab.txt, tokenizer.json). Writes results under $OUT (JSON lines + text logs) and prints
 # a short summary last. A failing step is reported and the next one still runs.
+# Smoke run on a CPU machine before booking a GPU (small model and images, same steps):
+#   DEVICE=cpu CONFIG=configs/quickstart/demo.yaml SIZE="--height 128 --width 192" \
+#     EXTRA_OPTS="MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256" bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-output/gpu_check}
+DEVICE=${DEVICE:-cuda}
+CONFIG=${CONFIG:-configs/glipv2_T.yaml}
+SIZE=${SIZE:-"--height 800 --width 1333"}
+EXTRA_OPTS=${EXTRA_OPTS:-}
 mkdir -p "$OUT"
 python3 -m zipfile -e .d2whl/sal_detectron2-*.whl /tmp/d2
 rm -f /tmp/d2/detectron2/_C*.so
@@ -13,10 +20,10 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site $(ls .d2whl/*.
 # detectron2 imports cv2 at module level but only calls it in transforms this project never uses.
 python3 -c "import cv2" 2>/dev/null || { echo "note: no cv2 here, using an empty stand-in"; touch /tmp/site/cv2.py; }
 export PYTHONPATH=/tmp/site:/tmp/d2:$PWD
-TOKENIZER="MODEL.LANGUAGE_BACKBONE.TOKENIZER .d2whl/bert_tokenizer"
-BENCH="python3 tools/benchmark.py --config-file configs/glipv2_T.yaml --device cuda"
+TOKENIZER="MODEL.LANGUAGE_BACKBONE.TOKENIZER .d2whl/bert_tokenizer $EXTRA_OPTS"
+BENCH="python3 tools/benchmark.py --config-file $CONFIG --device $DEVICE $SIZE"
 FULL="$TOKENIZER MODEL.DYHEAD.PRIOR_PROB 0.5"  # random weights keep a full 100 detections
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi (device $DEVICE)"
 
 step() {  # step NAME COMMAND...: run, keep the log, never stop the script
   local name=$1; shift
@@ -26,7 +33,7 @@ step() {  # step NAME COMMAND...: run, keep the log, never stop the script
 }
 
 # fp32 against the CPU (TF32 off) and bf16 / fp16 detections against fp32 on 8 fixed images.
-step check_cuda python3 tools/check_cuda.py --config-file configs/glipv2_T.yaml --size 480 640 $TOKENIZER
+step check_cuda python3 tools/check_cuda.py --config-file $CONFIG --device $DEVICE --size 480 640 $TOKENIZER
 # Batch 1: every precision, the peer in the same process, stage and op profiles.
 step infer_b1 $BENCH --batch-size 1 --precision fp32,bf16,fp16 --iters 20 --warmup 5 --profile-stages \
   --profile-ops --peer grounding-dino --json-lines "$OUT/infer_b1.jsonl" $FULL
