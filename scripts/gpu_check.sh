@@ -5,7 +5,7 @@
 # folder (vocab.txt, tokenizer.json). Writes results under $OUT (JSON lines + text logs) and prints
 # a short summary last. A failing step is reported and the next one still runs.
 # Smoke run on a CPU machine before booking a GPU (small model and images, same steps):
-#   DEVICE=cpu CONFIG=configs/quickstart/demo.yaml SIZE="--height 128 --width 192" \
+#   DEVICE=cpu CONFIG=configs/quickstart/demo.yaml SIZE="--height 256 --width 320" \
 #     EXTRA_OPTS="MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256" bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-output/gpu_check}

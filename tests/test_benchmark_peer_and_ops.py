@@ -99,3 +99,19 @@ def test_profile_ops_lists_real_ops_of_each_piece(tmp_path):
     assert any(name in r["op"] for r in ops["prediction head"] for name in ("conv", "mm", "matmul", "einsum"))
     records = [json.loads(line) for line in lines.read_text().splitlines()]
     assert {r["piece"] for r in records if r["table"] == "ops"} == set(ops)
+
+
+@pytest.mark.parametrize(("height", "width"), [(96, 128), (100, 130)])
+def test_position_count_is_what_the_peer_encodes(height, width):
+    """check_enough_positions counts the encoder's image tokens exactly (odd sizes round up)."""
+    config = tiny_grounding_dino_config()
+    torch.manual_seed(0)
+    detector = peers.GroundingDinoForObjectDetection(config).eval()
+    with torch.inference_mode():
+        outputs = detector(pixel_values=torch.zeros(1, 3, height, width), input_ids=torch.tensor([[101, 2711, 102]]))
+    encoded = outputs.encoder_last_hidden_state_vision.shape[1]
+    small = tiny_grounding_dino_config()
+    small.num_queries = encoded + 1
+    peers.check_enough_positions(config, height, width)
+    with pytest.raises(ValueError, match=rf"{height}x{width} image gives {encoded} image positions"):
+        peers.check_enough_positions(small, height, width)

@@ -8,6 +8,7 @@ nothing is fetched from a hub: the numbers are speed only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -79,6 +80,7 @@ class GroundingDinoPeer(nn.Module):
         device = self.pixel_mean.device
         images = torch.stack([x["image"] for x in batched_inputs]).to(device)
         pixels = (images.float() / 255 - self.pixel_mean) / self.pixel_std
+        check_enough_positions(self.detector.config, *images.shape[-2:])
         input_ids = pad_sequence([x["prompt"].input_ids for x in batched_inputs], batch_first=True).to(device)
         mask = pad_sequence([x["prompt"].attention_mask for x in batched_inputs], batch_first=True).to(device)
         outputs = self.detector(pixel_values=pixels, input_ids=input_ids, attention_mask=mask)
@@ -89,6 +91,19 @@ class GroundingDinoPeer(nn.Module):
             {"instances": Instances((height, width), pred_boxes=Boxes(b), scores=s, pred_classes=t)}
             for b, s, t in zip(boxes, scores, tokens)
         ]
+
+
+def check_enough_positions(config: GroundingDinoConfig, height: int, width: int) -> None:
+    """Grounding DINO picks its queries among the encoder's image positions (top-k over them), so an
+    image with fewer positions than ``num_queries`` cannot run; say so instead of torch's
+    "selected index k out of range"."""
+    backbone = config.backbone_config
+    strides = [backbone.patch_size * 2 ** (i - 1) for i in backbone.out_indices]
+    strides += [strides[-1] * 2 ** (k + 1) for k in range(config.num_feature_levels - len(strides))]
+    positions = sum(math.ceil(height / s) * math.ceil(width / s) for s in strides)
+    if positions < config.num_queries:
+        raise ValueError(f"--peer grounding-dino: a {height}x{width} image gives {positions} image positions, fewer "
+                         f"than its {config.num_queries} queries; use a larger --height / --width")
 
 
 def build_peer(name: str, device: str, seed: int = 0) -> nn.Module:
