@@ -128,6 +128,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.MODEL.DYHEAD.USE_DYRELU = True  # dynamic ReLU after scale attention
     cfg.MODEL.DYHEAD.USE_DEFORM = True  # modulated deformable 3x3 convs (else plain convs)
     cfg.MODEL.DYHEAD.DEFORM_CONV_IMPL = "auto"  # "auto" (gather on CPU, torchvision elsewhere), "torchvision", "gather"
+    cfg.MODEL.DYHEAD.DYCONV_PRECISION = "fp32"  # "fp32" (official) or "autocast": DyConv follows AMP, deform convs too
     cfg.MODEL.DYHEAD.PRIOR_PROB = 0.01  # initial foreground probability of a region-word logit
     cfg.MODEL.DYHEAD.LOG_SCALE_INIT = 0.0  # initial log temperature of the region-word logits
     cfg.MODEL.DYHEAD.USE_CHECKPOINT = False  # gradient checkpointing of every fusion layer
@@ -180,6 +181,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     cfg.TEST.LVIS_FIXED_AP = False  # LVIS "fixed AP": top 10,000 detections per category over the split
     cfg.TEST.REFERRING_SCORE_THRESHOLD = 0.5  # referring masks: union of a phrase's detections scoring >= this
     cfg.TEST.PROMPT_FILE = ""  # tuned prompt file replacing the vocabulary prompt in evaluation and the predictor
+    cfg.TEST.COMPILE_FUSION = ""  # torch.compile mode of tower + head at inference ("", "default", "reduce-overhead")
     cfg.TEST.FUSION_BATCH_MEMORY_MB = 4096  # estimated memory of image-prompt pairs fused in one batch (0: one pair)
 
     # Prompt tuning (official GLIP language_prompt_v2): the training vocabulary's prompt gets a learned

@@ -69,6 +69,24 @@ def test_cpu_bf16_detections_agree_with_fp32(single_thread):
     assert agreement.fraction >= 0.95, agreement
 
 
+def test_cpu_bf16_with_dyconv_following_autocast_agrees_with_fp32(single_thread):
+    """MODEL.DYHEAD.DYCONV_PRECISION autocast (deformable convs in bf16 too) on the same fixed set.
+
+    Measured (torch 2.14 CPU): 76/80 = 0.95 with random weights, whose near-tied scores are the hard
+    case (see above); the trained quick-start model keeps 633/645 = 0.981 of 100 per image and 80/80 of
+    10 (projects/GLIPv2/README.md). Asserted at 0.9 here, as one more reordered tie moves it 0.0125.
+    """
+    cfg = tiny_cfg()
+    cfg.MODEL.ATSS.DETECTIONS_PER_IMG = 10
+    cfg.MODEL.DYHEAD.DYCONV_PRECISION = "autocast"
+    model = random_model_via_official_checkpoint(cfg)
+    inputs = fixed_inputs(cfg, model, 8, 128, 192)
+    agreement = detection_agreement(run_model(model, inputs).detections,
+                                    run_model(model, inputs, torch.bfloat16).detections)
+    assert agreement.total == 80
+    assert agreement.fraction >= 0.9, agreement
+
+
 def test_check_tool_prints_the_figures_and_fails_below_the_minimum(single_thread, capsys):
     """A minimum above 1 cannot be met: the tool says FAIL and exits 1, while fp32 still passes."""
     tiny = ["MODEL.LANGUAGE_BACKBONE.LOAD_PRETRAINED", "False", "MODEL.LANGUAGE_BACKBONE.NUM_HIDDEN_LAYERS", "2",

@@ -4,6 +4,10 @@ Parameter names match ``DyConv`` / ``Conv3x3Norm`` in microsoft/GLIP
 ``maskrcnn_benchmark/modeling/rpn/vldyhead.py`` and ``DYReLU`` in ``layers/dyrelu.py``.
 The modulated deformable conv is ``torchvision.ops.deform_conv2d`` with ``mask`` (no compiled
 extension is needed) or, on the CPU, the equal gather + matmul of ``deform_conv.py``.
+
+Precision (``MODEL.DYHEAD.DYCONV_PRECISION``): "fp32", official, runs the block in fp32 whatever
+the autocast state; "autocast" lets it follow autocast, an opt-in speed lever whose detections are
+checked against fp32 (tools/check_cuda.py, tests/test_precision_agreement.py).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from torch import Tensor, nn
 
 from .deform_conv import DEFORM_CONV_IMPLS, modulated_deform_conv2d
 
-__all__ = ["HSigmoid", "ModulatedDeformConv", "Conv3x3Norm", "DyReLU", "DyConv"]
+# "fp32": official numerics under autocast; "autocast": the block follows autocast (see DyConv).
+DYCONV_PRECISIONS = ("fp32", "autocast")
+
+__all__ = ["DYCONV_PRECISIONS", "HSigmoid", "ModulatedDeformConv", "Conv3x3Norm", "DyReLU", "DyConv"]
 
 
 class HSigmoid(nn.Module):
@@ -48,16 +55,22 @@ class ModulatedDeformConv(nn.Module):
     The official op is decorated with ``custom_fwd(cast_inputs=torch.float32)``, so it always runs
     in fp32; under autocast the fp32 result is kept (GroupNorm follows and autocasts to fp32 anyway),
     otherwise it is cast back to the input dtype. ``impl`` picks the kernel (see ``DEFORM_CONV_IMPLS``).
+
+    ``reduced_precision``: under autocast, sample and multiply in the autocast dtype instead, with
+    the gather kernel when ``impl`` is "auto" (torchvision's kernel computes in fp32 under autocast,
+    and its CUDA kernel has no bf16). Sampling positions and bilinear weights are still computed in
+    fp32 from fp32 offsets: in bf16 a position near 100 would be off by up to half a pixel.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int = 1, bias: bool = True, impl: str = "auto"):
+                 padding: int = 1, bias: bool = True, impl: str = "auto", reduced_precision: bool = False):
         super().__init__()
         if impl not in DEFORM_CONV_IMPLS:
             raise ValueError(f"MODEL.DYHEAD.DEFORM_CONV_IMPL must be one of {DEFORM_CONV_IMPLS}, got {impl!r}")
         self.stride = stride
         self.padding = padding
         self.impl = impl
+        self.reduced_precision = reduced_precision
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
@@ -77,6 +90,13 @@ class ModulatedDeformConv(nn.Module):
         if tuple(offset.shape[-2:]) != out_hw:
             offset = _flat_prefix(offset, *out_hw)
             mask = _flat_prefix(mask, *out_hw)
+        device = x.device.type
+        if self.reduced_precision and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            impl = "gather" if self.impl == "auto" else self.impl
+            return modulated_deform_conv2d(x.to(dtype), offset.float(), self.weight.to(dtype), bias, self.stride,
+                                           self.padding, mask.float(), impl)
         bias = None if self.bias is None else self.bias.float()
         out = modulated_deform_conv2d(
             x.float(), offset.float(), self.weight.float(), bias, self.stride, self.padding, mask.float(), self.impl
@@ -90,10 +110,11 @@ class Conv3x3Norm(nn.Module):
     """3x3 conv (deformable or plain) followed by GroupNorm(16), official ``Conv3x3Norm``."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, deformable: bool, use_gn: bool,
-                 gn_groups: int = 16, deform_impl: str = "auto"):
+                 gn_groups: int = 16, deform_impl: str = "auto", reduced_precision: bool = False):
         super().__init__()
         if deformable:
-            self.conv = ModulatedDeformConv(in_channels, out_channels, 3, stride=stride, padding=1, impl=deform_impl)
+            self.conv = ModulatedDeformConv(in_channels, out_channels, 3, stride=stride, padding=1, impl=deform_impl,
+                                            reduced_precision=reduced_precision)
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
         self.bn = nn.GroupNorm(gn_groups, out_channels) if use_gn else None
@@ -135,19 +156,24 @@ class DyConv(nn.Module):
     re-read flat (official CUDA-kernel behaviour, see ``_flat_prefix``). Branches are weighted by
     a per-image hard-sigmoid scale attention, averaged, then passed through DyReLU.
 
-    Precision: the deformable convs run in fp32 regardless of autocast (as official). The rest is
-    cheap next to them (a 27-channel offset conv, heads on pooled vectors), so the whole block runs
-    outside autocast in the parameters' dtype. Official AMP ran those pieces in half precision;
-    in bf16 that drifted ~0.8% per block (random weights), ~11% after a 6-layer tower, whereas
-    here autocast leaves DyConv's fp32 numerics unchanged at no measurable cost.
+    Precision "fp32" (default): the deformable convs run in fp32 regardless of autocast (as
+    official). The rest is cheap next to them (a 27-channel offset conv, heads on pooled vectors), so
+    the whole block runs outside autocast in the parameters' dtype. Official AMP ran those pieces in
+    half precision; in bf16 that drifted ~0.8% per block (random weights), ~11% after a 6-layer
+    tower, whereas here autocast leaves DyConv's fp32 numerics unchanged.
+    Precision "autocast": under autocast the block follows it, deformable convs included (see
+    ``ModulatedDeformConv``); only the offset/mask conv stays fp32, since it places the samples.
     """
 
     def __init__(self, in_channels: int = 256, out_channels: int = 256, use_dyrelu: bool = True,
-                 use_deform: bool = True, use_gn: bool = True, deform_impl: str = "auto"):
+                 use_deform: bool = True, use_gn: bool = True, deform_impl: str = "auto", precision: str = "fp32"):
         super().__init__()
+        if precision not in DYCONV_PRECISIONS:
+            raise ValueError(f"MODEL.DYHEAD.DYCONV_PRECISION must be one of {DYCONV_PRECISIONS}, got {precision!r}")
+        self.follows_autocast = precision == "autocast"
         self.DyConv = nn.ModuleList(
             Conv3x3Norm(in_channels, out_channels, stride, deformable=use_deform, use_gn=use_gn,
-                        deform_impl=deform_impl)
+                        deform_impl=deform_impl, reduced_precision=self.follows_autocast)
             for stride in (1, 1, 2)
         )
         self.AttnConv = nn.Sequential(
@@ -166,18 +192,29 @@ class DyConv(nn.Module):
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """features: list of (B, C, H_l, W_l), each level the ceil-half of the previous one."""
+        device = features[0].device.type
+        if self.follows_autocast and torch.is_autocast_enabled(device):
+            return self._run_levels(list(features))
         dtype = self.DyConv[1].conv.weight.dtype
-        with torch.autocast(features[0].device.type, enabled=False):
+        with torch.autocast(device, enabled=False):
             return self._run_levels([f.to(dtype) for f in features])
+
+    def _offsets_and_masks(self, feature: Tensor) -> tuple[Tensor, Tensor]:
+        """The (B, 18, H, W) tap offsets and (B, 9, H, W) tap masks computed on ``feature``; in fp32
+        when the block follows autocast."""
+        if self.follows_autocast and torch.is_autocast_enabled(feature.device.type):
+            with torch.autocast(feature.device.type, enabled=False):
+                offset_mask = self.offset(feature.to(self.offset.weight.dtype))
+        else:
+            offset_mask = self.offset(feature)
+        return offset_mask[:, :18], offset_mask[:, 18:].sigmoid()
 
     def _run_levels(self, features: list[Tensor]) -> list[Tensor]:
         outputs = []
         for level, feature in enumerate(features):
             offset = mask = None
             if self.offset is not None:
-                offset_mask = self.offset(feature)
-                offset = offset_mask[:, :18]
-                mask = offset_mask[:, 18:].sigmoid()
+                offset, mask = self._offsets_and_masks(feature)
 
             branches = [self.DyConv[1](feature, offset, mask)]
             if level > 0:

@@ -136,6 +136,7 @@ class VLDyHeadTower(nn.Module):
         use_checkpoint: bool = False,
         last_text_layer: bool = True,
         deform_impl: str = "auto",
+        dyconv_precision: str = "fp32",
     ):
         """``last_text_layer=False`` leaves the last layer without its BERT layer, as the official
         tower does when the head scores with the pre-fusion text (USE_FUSED_FEATURES_DOT_PRODUCT off).
@@ -163,7 +164,8 @@ class VLDyHeadTower(nn.Module):
                                      dropout=fusion_dropout, drop_path=drop_path, init_values=init_values),
                     BertLayer(text_config, layer_idx=i) if last_text_layer or i < num_layers - 1 else None,
                     DyConv(c_in, channels, use_dyrelu=use_dyrelu and same_width,
-                           use_deform=use_deform and same_width, use_gn=use_gn, deform_impl=deform_impl),
+                           use_deform=use_deform and same_width, use_gn=use_gn, deform_impl=deform_impl,
+                           precision=dyconv_precision),
                 )
             )
         self.layers = nn.ModuleList(layers)
@@ -191,6 +193,7 @@ class VLDyHeadTower(nn.Module):
             "use_checkpoint": dyhead.USE_CHECKPOINT,
             "last_text_layer": dyhead.SCORE_WITH_FUSED_TEXT,
             "deform_impl": dyhead.DEFORM_CONV_IMPL,
+            "dyconv_precision": dyhead.DYCONV_PRECISION,
         }
 
     def output_shape(self, input_shape: Sequence[ShapeSpec]) -> list[ShapeSpec]:
