@@ -30,6 +30,7 @@ from ..structures import NO_CATEGORY, Prompt
 from .anchor_generator import LegacyAnchorGenerator
 from .caption.generate import generate_captions
 from .caption.options import CaptionDecodingOptions
+from .compiled_fusion import CompiledFusion
 from .dense_head import GroundingPredictionHead
 from .fusion import build_fusion
 from .inter_image_loss import InterImageContrastiveLoss, RegionWordLabels
@@ -112,6 +113,7 @@ class GLIPv2(nn.Module):
         task_heads: nn.ModuleDict | None = None,
         caption_mode: bool = False,
         fusion_batch: FusionBatchBudget | None = None,
+        compile_fusion: str = "",
     ):
         super().__init__()
         self.backbone = backbone
@@ -141,6 +143,8 @@ class GLIPv2(nn.Module):
             raise ValueError("MODEL.CAPTION_ON is True but MODEL.GLIPV2.TASK_HEADS does not name CaptionHead: add it")
         self.caption_mode = caption_mode
         self.fusion_batch = fusion_batch or FusionBatchBudget()
+        # Inference only: training runs the modules eagerly (gradient checkpointing, dropout, hooks).
+        self.compiled_fusion = CompiledFusion(self._fuse_and_predict, compile_fusion)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -181,6 +185,7 @@ class GLIPv2(nn.Module):
                 embed_dim=cfg.MODEL.DYHEAD.FUSION.EMBED_DIM,
                 num_heads=cfg.MODEL.DYHEAD.FUSION.NUM_HEADS,
             ),
+            "compile_fusion": cfg.TEST.COMPILE_FUSION,
         }
 
     @property
@@ -275,6 +280,18 @@ class GLIPv2(nn.Module):
         pyramid = self.backbone(images.tensor)
         return [pyramid[name] for name in self.level_names]
 
+    def _scored_text(self, fused_text: Tensor, hidden: Tensor, mask: Tensor) -> Tensor:
+        """The text the head scores regions against: fused, or (official "embedded") the encoder
+        output masked when the head scores before fusion."""
+        return fused_text if self.score_with_fused_text else hidden * mask[..., None]
+
+    def _fuse_and_predict(
+        self, pre_fusion: list[Tensor], hidden: Tensor, mask: Tensor
+    ) -> tuple[list[Tensor], Tensor, dict[str, list[Tensor]]]:
+        """Fusion tower and prediction head: the part TEST.COMPILE_FUSION compiles."""
+        features, fused_text = self.fusion(pre_fusion, hidden, mask)
+        return features, fused_text, self.head(features, self._scored_text(fused_text, hidden, mask))
+
     def run_network(
         self,
         images: ImageList,
@@ -288,11 +305,10 @@ class GLIPv2(nn.Module):
             pre_fusion = self.extract_features(images)
         if caption_mode:
             features, fused_text = self.fusion(pre_fusion, text.hidden, text.mask, caption_mode=True)
+            predictions = self.head(features, self._scored_text(fused_text, text.hidden, text.mask))
         else:
-            features, fused_text = self.fusion(pre_fusion, text.hidden, text.mask)
-        # Official "embedded" text when the head scores before fusion: the encoder output, masked.
-        scored_text = fused_text if self.score_with_fused_text else text.hidden * text.mask[..., None]
-        predictions = self.head(features, scored_text)
+            fuse = self._fuse_and_predict if self.training else self.compiled_fusion
+            features, fused_text, predictions = fuse(pre_fusion, text.hidden, text.mask)
         return NetworkOutputs(
             features=features,
             pre_fusion_features=pre_fusion,
