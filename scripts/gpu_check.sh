@@ -34,12 +34,21 @@ step() {  # step NAME COMMAND...: run, keep the log, never stop the script
 
 # fp32 against the CPU (TF32 off) and bf16 / fp16 detections against fp32 on 8 fixed images.
 step check_cuda python3 tools/check_cuda.py --config-file $CONFIG --device $DEVICE --size 480 640 $TOKENIZER
+# The same agreement with DyConv (deformable convs included) following autocast: the accuracy side
+# of the reduced-precision lever whose speed infer_b1_dyconv measures.
+step check_cuda_dyconv python3 tools/check_cuda.py --config-file $CONFIG --device $DEVICE --size 480 640 \
+  $TOKENIZER MODEL.DYHEAD.DYCONV_PRECISION autocast
 # Batch 1: every precision, the peer in the same process, stage and op profiles.
 step infer_b1 $BENCH --batch-size 1 --precision fp32,bf16,fp16 --iters 20 --warmup 5 --profile-stages \
   --profile-ops --peer grounding-dino --json-lines "$OUT/infer_b1.jsonl" $FULL
 # The deformable conv as a gather + matmul (the CPU default) on CUDA, to decide its CUDA default.
 step infer_b1_gather $BENCH --batch-size 1 --precision fp32,bf16 --iters 20 --warmup 5 \
   --json-lines "$OUT/infer_b1_gather.jsonl" $FULL MODEL.DYHEAD.DEFORM_CONV_IMPL gather
+# DyConv in the autocast dtype (its deformable convs by the gather kernel), at batch 1 and 8.
+step infer_b1_dyconv $BENCH --batch-size 1 --precision bf16,fp16 --iters 20 --warmup 5 --profile-stages \
+  --json-lines "$OUT/infer_b1_dyconv.jsonl" $FULL MODEL.DYHEAD.DYCONV_PRECISION autocast
+step infer_b8_dyconv $BENCH --batch-size 8 --precision bf16 --iters 10 --warmup 3 \
+  --json-lines "$OUT/infer_b8_dyconv.jsonl" $FULL MODEL.DYHEAD.DYCONV_PRECISION autocast
 # Batched throughput.
 step infer_b8 $BENCH --batch-size 8 --precision bf16,fp32 --iters 10 --warmup 3 --peer grounding-dino \
   --json-lines "$OUT/infer_b8.jsonl" $FULL
@@ -49,6 +58,13 @@ step infer_lvis $BENCH --vocabulary lvis --chunk-size 40 --batch-size 1 --precis
 # Training: batch 4 with the real loss, bf16 and fp32, with and without fusion checkpointing.
 step train_b4 $BENCH --train --batch-size 4 --precision bf16,fp32 --checkpointing none,fusion --iters 10 \
   --warmup 3 --json-lines "$OUT/train_b4.jsonl" $TOKENIZER
+step train_b4_dyconv $BENCH --train --batch-size 4 --precision bf16 --checkpointing none --iters 10 --warmup 3 \
+  --json-lines "$OUT/train_b4_dyconv.jsonl" $TOKENIZER MODEL.DYHEAD.DYCONV_PRECISION autocast
+# Last, as compiling may take minutes: tower + head through torch.compile with CUDA graphs
+# (TEST.COMPILE_FUSION), DyConv in bf16; the warm-up iterations absorb the compilation.
+step infer_b1_compiled $BENCH --batch-size 1 --precision bf16 --iters 20 --warmup 5 \
+  --json-lines "$OUT/infer_b1_compiled.jsonl" $FULL TEST.COMPILE_FUSION reduce-overhead \
+  MODEL.DYHEAD.DYCONV_PRECISION autocast
 
 echo "== summary (images/s; peak MiB)"
 python3 - "$OUT" <<'PY'
