@@ -2,11 +2,14 @@
 # Every GPU check of the speed issue in one call, for a lent GPU machine that has
 # torch/torchvision/transformers but no detectron2. Expects .d2whl/ (carried, git-ignored) to hold
 # the sal-detectron2 wheel, the wheels of detectron2's small dependencies and a bert_tokenizer/
-# folder (vocab.txt, tokenizer.json). Writes results under $OUT (JSON lines + text logs) and prints
-# a short summary last. A failing step is reported and the next one still runs.
-# Smoke run on a CPU machine before booking a GPU (small model and images, same steps):
-#   DEVICE=cpu CONFIG=configs/quickstart/demo.yaml SIZE="--height 256 --width 320" \
-#     EXTRA_OPTS="MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256" bash scripts/gpu_check.sh
+# folder (vocab.txt, tokenizer.json): `bash scripts/prepare_gpu_wheels.sh` fills it (seconds). Writes
+# results under $OUT (JSON lines + text logs) and prints a short summary last. A failing step is
+# reported and the next one still runs. Device call: run(command="bash scripts/gpu_check.sh",
+# carry=[".d2whl"], timeout_s=600); OUT is the device's $OUT there.
+# Smoke run on a CPU machine before booking a GPU (small model and images, same steps; about 7
+# minutes on 2 cores; pycocotools' 3.12 wheel is refused on another Python, the .venv has it):
+#   PATH=$PWD/.venv/bin:$PATH DEVICE=cpu CONFIG=configs/quickstart/demo.yaml SIZE="--height 256 --width 320" \
+#     EXTRA_OPTS="MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256" OUT=/tmp/gpu_check_smoke bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-output/gpu_check}
 DEVICE=${DEVICE:-cuda}
