@@ -20,25 +20,26 @@ def _model(mode: str):
     return build_model(cfg).eval()
 
 
-def _inputs(model):
-    prompt = PromptBuilder(model.tokenizer).categories(["cat", "dog", "traffic light"])[0]
+def _inputs(model, size: tuple[int, int] = (96, 128), names: tuple[str, ...] = ("cat", "dog", "traffic light")):
+    prompt = PromptBuilder(model.tokenizer).categories(list(names))[0]
     generator = torch.Generator().manual_seed(0)
-    return [{"image": torch.randint(0, 256, (3, 96, 128), generator=generator, dtype=torch.uint8), "prompt": prompt}]
+    return [{"image": torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8), "prompt": prompt}]
 
 
 def test_compiled_inference_equals_eager(single_thread):
-    """Inductor on the CPU: same detections as the eager model with the same weights."""
+    """Inductor on the CPU: same detections as the eager model with the same weights, also for a
+    second image size and prompt length (recompiled, as evaluation meets them)."""
     eager, compiled = _model(""), _model("default")
     compiled.load_state_dict(eager.state_dict())
-    inputs = _inputs(eager)
-    with torch.no_grad():
-        expected = eager(inputs)[0]["instances"]
-        got = compiled(inputs)[0]["instances"]
-    assert compiled.compiled_fusion.active and compiled.compiled_fusion.compiled is not None
-    assert len(got) == len(expected) > 0
-    torch.testing.assert_close(got.scores, expected.scores, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(got.pred_classes, expected.pred_classes)
+    for inputs in (_inputs(eager), _inputs(eager, (128, 96), ("person", "bicycle"))):
+        with torch.no_grad():
+            expected = eager(inputs)[0]["instances"]
+            got = compiled(inputs)[0]["instances"]
+        assert compiled.compiled_fusion.active and compiled.compiled_fusion.compiled is not None
+        assert len(got) == len(expected) > 0
+        torch.testing.assert_close(got.scores, expected.scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(got.pred_classes, expected.pred_classes)
 
 
 def test_a_failing_compile_falls_back_to_eager_once(monkeypatch, caplog):
