@@ -63,6 +63,7 @@ from torch import nn
 
 from glipv2_d2.benchmarking import op_profile, training
 from glipv2_d2.benchmarking.peers import PEER_CONFIGS, build_peer, compare_with_glipv2, comparison_table
+from glipv2_d2.benchmarking.timing import synchronize
 from glipv2_d2.checkpoint import GLIPv2Checkpointer
 from glipv2_d2.config import setup_cfg
 from glipv2_d2.data.prompt_builder import PromptBuilder
@@ -184,10 +185,6 @@ def lvis_detector(model: nn.Module, cfg: CfgNode, chunk_size: int) -> PromptedDe
     prompts = PromptBuilder(cfg, model.tokenizer).categories(LVIS_NAMES)
     return PromptedDetector(model, prompts, max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
 
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def max_rss_mib() -> float:

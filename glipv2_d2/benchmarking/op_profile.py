@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from .timing import synchronize
+
 TOP_OPS = 12
 
 
@@ -35,10 +37,6 @@ def capture_calls(modules: list[nn.Module], run: Callable[[], object]) -> tuple[
         raise RuntimeError(f"the forward pass did not call {missing}")
     return result, [seen[0] for seen in calls]
 
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def top_ops(fn: Callable[[], object], device: str, top: int = TOP_OPS) -> list[dict]:

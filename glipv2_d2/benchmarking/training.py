@@ -59,6 +59,7 @@ from ..data.prompt_builder import PromptBuilder
 from ..engine.ema import ModelEMA
 from ..engine.trainer import GLIPv2Trainer
 from ..utils.seeding import derived_seed
+from .timing import synchronize
 
 COCO_NAMES = [c["name"] for c in COCO_CATEGORIES if c["isthing"] == 1]
 # Config keys of each gradient-checkpointing setting: fusion tower, Swin backbone, both.
@@ -243,10 +244,6 @@ def memory_meter(device: str) -> AbstractContextManager[dict]:
 
     return cuda_peak()
 
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_training(state: TrainingState, batch: list[dict], device: str, dtype: torch.dtype | None, iters: int,

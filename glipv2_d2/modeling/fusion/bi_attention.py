@@ -126,9 +126,9 @@ class BiMultiHeadAttention(nn.Module):
         feeds: ``(v Wq^T + bq) k^T = v (Wq^T k^T) + bq k^T``, ``(a v_l) Wo^T = a (v_l Wo^T)`` and
         ``a^T (v Wv^T + bv) = (a^T v) Wv^T + (a^T 1) bv``, where ``a^T 1 = 1`` unless dropout is on.
         The image tokens are then only multiplied by T-column matrices per head instead of being
-        projected to the 2048-wide attention space three times: 1 - T / (256 + T) fewer multiply-adds
-        for GLIP-T's widths (T tokens in the prompt). The head
-        scale (a power of two for GLIP's widths) is applied to the folded query instead.
+        projected to the 2048-wide attention space three times: T / (256 + T) of the multiply-adds
+        for GLIP-T's widths (T tokens in the prompt). The head scale multiplies the scores instead of
+        the query, which is exact: it is a power of two for GLIP's widths.
         """
         b, n, v_dim = v.shape
         t = lang.shape[1]
