@@ -7,8 +7,10 @@ import logging
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-from detectron2.data import DatasetCatalog
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
+from detectron2.data.datasets.lvis import get_lvis_instances_meta
 from detectron2.structures import BoxMode
 from detectron2.utils import logger as detectron2_logger
 
@@ -19,6 +21,7 @@ from glipv2_d2.data.mappers import DetectionGroundingMapper, transformed_instanc
 from glipv2_d2.data.prompt_builder import PromptBuilder
 from glipv2_d2.data.prompts import locate_phrases
 from glipv2_d2.engine.predictor import GLIPv2Predictor
+from glipv2_d2.engine.trainer import GLIPv2Trainer
 from glipv2_d2.modeling.language import build_tokenizer
 
 from .tiny_model import tiny_cfg
@@ -255,6 +258,30 @@ def test_repeated_category_is_prompted_once_with_a_warning(builder, caplog):
                        "not returned twice"]
 
 
+def test_a_dataset_vocabulary_keeps_a_repeated_name_under_its_own_label(builder, caplog):
+    with caplog.at_level(logging.WARNING, logger="glipv2_d2.data.prompts"):
+        (prompt,) = builder.categories(["dog", "cat", "Dog", "bird"], keep_repeats=True)
+    assert sorted(prompt.label_names) == [0, 1, 2, 3] and not caplog.records
+    dog, repeat = prompt.label_to_tokens[0], prompt.label_to_tokens[2]
+    assert dog and repeat and set(dog).isdisjoint(repeat)
+    ids = prompt.input_ids
+    assert ids[dog].tolist() == ids[repeat].tolist()
+
+
+def test_lvis_prompts_follow_the_official_chunk_layout():
+    """The official LVIS evaluation prompts categories 40 at a time in id order, repeats included:
+    31 chunks, chunk k holding categories 40k .. 40k+39, both LVIS "bow"s with tokens of their own."""
+    names = get_lvis_instances_meta("lvis_v1")["thing_classes"]
+    lvis_builder = PromptBuilder(build_tokenizer("bert-base-uncased"), max_query_len=256, chunk_size=40)
+    prompts = lvis_builder.categories(names, keep_repeats=True)
+    assert [sorted(p.label_names) for p in prompts] == [list(range(k, min(k + 40, 1203))) for k in range(0, 1203, 40)]
+    bows = [label for label, name in enumerate(names) if name.startswith("bow_(")]
+    assert len(bows) == 2
+    (chunk,) = {label // 40 for label in bows}
+    assert all(prompts[chunk].label_to_tokens[label] for label in bows)
+    assert len(lvis_builder.categories(names)) == 30  # a user's list: repeats dropped, 1,198 names
+
+
 def test_all_unknown_token_name_is_named_in_a_warning(builder, caplog):
     with caplog.at_level(logging.WARNING, logger="glipv2_d2.data.prompts"):
         builder.categories(["dog", "\U0001f984", "cat \U0001f431"])
@@ -296,3 +323,22 @@ def test_predictor_returns_no_box_for_a_repeated_category(predictor):
     assert set(repeated.pred_classes.tolist()) <= {0, 1}
     assert repeated.pred_boxes.tensor.equal(once.pred_boxes.tensor)
     assert repeated.scores.equal(once.scores)
+
+
+def test_dataset_evaluation_scores_a_repeated_category_under_its_own_id(predictor):
+    """A dataset's categories are all evaluated, so its prompt keeps a repeated name (as the
+    official evaluation does) and boxes come back under both of its labels."""
+    dataset = "glipv2_test_repeated_names"
+    MetadataCatalog.get(dataset).set(thing_classes=["red circle", "blue square", "red circle"])
+    try:
+        detector = GLIPv2Trainer._evaluated_model(tiny_cfg(), predictor.model, dataset)
+    finally:
+        MetadataCatalog.remove(dataset)
+    (prompt,) = detector.prompts
+    assert prompt.caption == "red circle. blue square. red circle"
+    image = (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)
+    inputs = {"image": torch.as_tensor(image.transpose(2, 0, 1).copy()), "height": 48, "width": 48}
+    detector.eval()
+    with torch.no_grad():
+        (output,) = detector([inputs])
+    assert {0, 2} <= set(output["instances"].pred_classes.tolist())

@@ -182,7 +182,7 @@ def lvis_detector(model: nn.Module, cfg: CfgNode, chunk_size: int) -> PromptedDe
     cfg = cfg.clone()
     cfg.defrost()
     cfg.TEST.PROMPT_CHUNK_SIZE = chunk_size
-    prompts = PromptBuilder(cfg, model.tokenizer).categories(LVIS_NAMES)
+    prompts = PromptBuilder(cfg, model.tokenizer).categories(LVIS_NAMES, keep_repeats=True)
     return PromptedDetector(model, prompts, max_detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
 
 

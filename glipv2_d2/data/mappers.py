@@ -197,7 +197,7 @@ class DetectionGroundingMapper:
         if not class_names:
             raise ValueError("DetectionGroundingMapper: class_names is empty")
         # Every name is checked now, when training starts, not when the final evaluation prompts it.
-        prompt_builder.check_vocabulary(class_names)
+        prompt_builder.check_vocabulary(class_names, keep_repeats=True)
         self.is_train = is_train
         self.augmentations = T.AugmentationList(list(augmentations))
         self.image_format = image_format
@@ -240,7 +240,7 @@ class DetectionGroundingMapper:
 
     def _first_test_prompt(self) -> Prompt:
         """The one prompt every test image shares, built once."""
-        chunks = self.prompt_builder.categories(self.names)
+        chunks = self.prompt_builder.categories(self.names, keep_repeats=True)
         prompt = chunks[0]
         if len(chunks) > 1:
             logger.warning(

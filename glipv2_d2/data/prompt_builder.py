@@ -29,10 +29,10 @@ __all__ = ["PromptBuilder"]
 
 @functools.lru_cache(maxsize=32)
 def _checked_vocabulary(
-    items: tuple[tuple[Hashable, str], ...], tokenizer: PreTrainedTokenizerBase, max_len: int
+    items: tuple[tuple[Hashable, str], ...], tokenizer: PreTrainedTokenizerBase, max_len: int, keep_repeats: bool
 ) -> tuple[tuple[Hashable, str], ...]:
     """A predictor asked with the same vocabulary on every call checks (and warns about) it once."""
-    return tuple(check_vocabulary(dict(items), tokenizer, max_len))
+    return tuple(check_vocabulary(dict(items), tokenizer, max_len, keep_repeats=keep_repeats))
 
 
 class PromptBuilder:
@@ -63,18 +63,26 @@ class PromptBuilder:
             "chunk_size": cfg.TEST.PROMPT_CHUNK_SIZE or None,
         }
 
-    def check_vocabulary(self, names: Sequence[str] | Mapping[int, str]) -> list[tuple[Hashable, str]]:
-        """The vocabulary's (label, name) pairs without repeats, every name checked against this
-        builder's token limit (see ``prompts.check_vocabulary``): call it where a vocabulary enters,
-        so a bad name is reported before any prompt of it is needed."""
-        return list(_checked_vocabulary(tuple(vocabulary_items(names)), self.tokenizer, self.max_query_len))
+    def check_vocabulary(
+        self, names: Sequence[str] | Mapping[int, str], keep_repeats: bool = False
+    ) -> list[tuple[Hashable, str]]:
+        """The vocabulary's (label, name) pairs, without repeats unless ``keep_repeats``, every name
+        checked against this builder's token limit (see ``prompts.check_vocabulary``): call it where a
+        vocabulary enters, so a bad name is reported before any prompt of it is needed."""
+        items = tuple(vocabulary_items(names))
+        return list(_checked_vocabulary(items, self.tokenizer, self.max_query_len, keep_repeats))
 
-    def categories(self, names: Sequence[str] | Mapping[int, str]) -> list[Prompt]:
+    def categories(self, names: Sequence[str] | Mapping[int, str], keep_repeats: bool = False) -> list[Prompt]:
         """A vocabulary as detection prompts: one per chunk that fits the token limit (labels are the
         list indices or the mapping's keys); every category lands in exactly one prompt, except a
-        repeated name, which is prompted once, under its first label."""
-        unique = dict(self.check_vocabulary(names))
-        chunks = chunk_categories(unique, self.tokenizer, self.max_query_len, self.chunk_size, self.separator)
+        repeated name, which is prompted once, under its first label.
+
+        ``keep_repeats`` is for a dataset's categories: every one is scored by its evaluation, so
+        every one keeps its own name in its own chunk slot, as the official GLIP evaluation prompts
+        them (LVIS v1 has five names that read the same after cleaning, "bow" twice among them;
+        dropping them would leave those categories without boxes and shift every later chunk)."""
+        kept = dict(self.check_vocabulary(names, keep_repeats))
+        chunks = chunk_categories(kept, self.tokenizer, self.max_query_len, self.chunk_size, self.separator)
         prompts = []
         for chunk in chunks:
             caption, spans = build_labeled_prompt(chunk, self.separator)

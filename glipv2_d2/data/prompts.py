@@ -382,13 +382,15 @@ def check_vocabulary(
     tokenizer: PreTrainedTokenizerBase,
     max_len: int,
     clean: bool = True,
+    keep_repeats: bool = False,
 ) -> list[tuple[Label, str]]:
     """The vocabulary's (label, name) pairs, each checked once, up front, so that no name fails only
     when its prompt is first built (at the final evaluation, for a training vocabulary).
 
     Errors name the category: not a string, empty after cleaning, or too long for ``max_len`` on its
     own. Warnings: a name repeated (same ``category_uid``) is dropped after its first label, since
-    two labels with one text would give every box twice; a name whose tokens are all [UNK] (emoji)
+    two labels with one text would give every box twice, unless ``keep_repeats`` (a dataset's
+    categories, each of which its evaluation scores); a name whose tokens are all [UNK] (emoji)
     reads the same as every other such name.
     """
     items = vocabulary_items(names)
@@ -401,7 +403,7 @@ def check_vocabulary(
     token_ids = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
     budget = max_len - tokenizer.num_special_tokens_to_add(pair=False)
     first_label: dict[int, Label] = {}
-    unique = []
+    kept = []
     for (label, name), ids in zip(items, token_ids):
         if len(ids) > budget:
             raise ValueError(f"category {label!r} ({name!r}) alone needs {len(ids)} tokens > the {budget} "
@@ -410,13 +412,13 @@ def check_vocabulary(
             logger.warning("category %r (%r) tokenizes to nothing but [UNK]: the model cannot tell it from "
                            "other such names; describe it in words", label, name)
         uid = category_uid(name)
-        if uid in first_label:
+        if uid in first_label and not keep_repeats:
             logger.warning("category %r (%r) repeats category %r; it is dropped from the prompt so its boxes "
                            "are not returned twice", label, name, first_label[uid])
             continue
-        first_label[uid] = label
-        unique.append((label, name))
-    return unique
+        first_label.setdefault(uid, label)
+        kept.append((label, name))
+    return kept
 
 
 def category_uid(name: str) -> int:

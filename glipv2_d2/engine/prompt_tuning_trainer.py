@@ -85,7 +85,7 @@ class PromptTuningTrainer(GLIPv2Trainer):
         GLIPv2Checkpointer(detector, strict=True, trust_pickle=cfg.MODEL.TRUST_PICKLED_WEIGHTS).load(
             cfg.MODEL.WEIGHTS
         )
-        prompts = PromptBuilder(cfg, detector.tokenizer).categories(training_vocabulary(cfg))
+        prompts = PromptBuilder(cfg, detector.tokenizer).categories(training_vocabulary(cfg), keep_repeats=True)
         if len(prompts) != 1:
             raise ValueError(
                 f"prompt tuning needs the vocabulary in one prompt; it takes {len(prompts)} at "
@@ -119,6 +119,6 @@ class PromptTuningTrainer(GLIPv2Trainer):
         if not names:
             raise ValueError(f"prompt tuning evaluates detection sets; {dataset_name!r} has no thing_classes")
         tuned = model.prompt.tuned()
-        vocabulary = PromptBuilder(cfg, model.tokenizer).categories(names)
+        vocabulary = PromptBuilder(cfg, model.tokenizer).categories(names, keep_repeats=True)
         check_same_prompt(tuned, vocabulary[0], "the tuned prompt", f"dataset {dataset_name!r}")
         return PromptedDetector(model.detector, [tuned])

@@ -278,7 +278,7 @@ class GLIPv2Trainer(DefaultTrainer):
         if any(test(dataset_name) for test in (is_grounding_test_set, is_vqa_test_set, is_caption_test_set)):
             return model
         names = MetadataCatalog.get(dataset_name).thing_classes
-        prompts = PromptBuilder(cfg, model.tokenizer).categories(names)
+        prompts = PromptBuilder(cfg, model.tokenizer).categories(names, keep_repeats=True)
         if cfg.TEST.PROMPT_FILE:
             prompts = [tuned_prompt_for(cfg.TEST.PROMPT_FILE, model, prompts, f"dataset {dataset_name!r}")]
         return PromptedDetector(model, prompts)
