@@ -388,8 +388,9 @@ def check_vocabulary(
     when its prompt is first built (at the final evaluation, for a training vocabulary).
 
     Errors name the category: not a string, empty after cleaning, or too long for ``max_len`` on its
-    own. Warnings: a name repeated (same ``category_uid``) is dropped after its first label, since
-    two labels with one text would give every box twice, unless ``keep_repeats`` (a dataset's
+    own. Warnings: a repeated name (the same text once cleaned, case aside; compared as text, not by
+    ``category_uid``, whose hash two names could share) is dropped after its first label, since two
+    labels with one text would give every box twice, unless ``keep_repeats`` (a dataset's
     categories, each of which its evaluation scores); a name whose tokens are all [UNK] (emoji)
     reads the same as every other such name.
     """
@@ -402,21 +403,21 @@ def check_vocabulary(
         cleaned.append(text)
     token_ids = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
     budget = max_len - tokenizer.num_special_tokens_to_add(pair=False)
-    first_label: dict[int, Label] = {}
+    first_label: dict[str, Label] = {}
     kept = []
-    for (label, name), ids in zip(items, token_ids):
+    for (label, name), text, ids in zip(items, cleaned, token_ids):
         if len(ids) > budget:
             raise ValueError(f"category {label!r} ({name!r}) alone needs {len(ids)} tokens > the {budget} "
                              f"that max_len={max_len} leaves for a name; shorten it")
         if tokenizer.unk_token_id is not None and all(i == tokenizer.unk_token_id for i in ids):
             logger.warning("category %r (%r) tokenizes to nothing but [UNK]: the model cannot tell it from "
                            "other such names; describe it in words", label, name)
-        uid = category_uid(name)
-        if uid in first_label and not keep_repeats:
+        key = text.lower()
+        if key in first_label and not keep_repeats:
             logger.warning("category %r (%r) repeats category %r; it is dropped from the prompt so its boxes "
-                           "are not returned twice", label, name, first_label[uid])
+                           "are not returned twice", label, name, first_label[key])
             continue
-        first_label.setdefault(uid, label)
+        first_label.setdefault(key, label)
         kept.append((label, name))
     return kept
 
