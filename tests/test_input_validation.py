@@ -19,7 +19,7 @@ from glipv2_d2.data.datasets.annotation_checks import mask_drop_reason
 from glipv2_d2.data.image_io import array_to_bgr, read_image
 from glipv2_d2.data.mappers import DetectionGroundingMapper, transformed_instances
 from glipv2_d2.data.prompt_builder import PromptBuilder
-from glipv2_d2.data.prompts import locate_phrases
+from glipv2_d2.data.prompts import category_uid, locate_phrases
 from glipv2_d2.engine.predictor import GLIPv2Predictor
 from glipv2_d2.engine.trainer import GLIPv2Trainer
 from glipv2_d2.modeling.language import build_tokenizer
@@ -256,6 +256,14 @@ def test_repeated_category_is_prompted_once_with_a_warning(builder, caplog):
     repeats = [r.getMessage() for r in caplog.records if "repeats" in r.getMessage()]
     assert repeats == ["category 2 ('Dog') repeats category 0; it is dropped from the prompt so its boxes are "
                        "not returned twice"]
+
+
+def test_names_that_share_a_category_uid_hash_are_both_prompted(caplog):
+    names = ["blue green round dark boat", "green blue dark round ball"]
+    assert category_uid(names[0]) == category_uid(names[1])  # a crc32 collision, found by search
+    with caplog.at_level(logging.WARNING, logger="glipv2_d2.data.prompts"):
+        (prompt,) = PromptBuilder(build_tokenizer("bert-base-uncased")).categories(names)
+    assert sorted(prompt.label_names) == [0, 1] and not caplog.records
 
 
 def test_a_dataset_vocabulary_keeps_a_repeated_name_under_its_own_label(builder, caplog):
