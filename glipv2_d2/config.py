@@ -111,6 +111,7 @@ def add_glipv2_config(cfg: CN) -> CN:
     # longest prompt, which tests/test_meta_arch.py shows gives the same detections.
     cfg.MODEL.LANGUAGE_BACKBONE.PAD_MAX = False
     cfg.MODEL.LANGUAGE_BACKBONE.FREEZE = False  # keep the text encoder fixed in training
+    cfg.MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT = False  # gradient checkpointing of every text-encoder layer
 
     # The CLIP-type text transformer of GLIPv2-B / -H (LANGUAGE_BACKBONE.NAME
     # "build_clip_language_backbone", TOKENIZER "clip", GLIPV2.FUSION "VLDyHeadTowerClipText").

@@ -99,7 +99,8 @@ def test_checkpointing_leaves_loss_and_gradients_unchanged(cfg, synthetic_set, s
     checkpointed_loss, checkpointed_grads = first_step(cfg, batch, "all")
     assert checkpointed_loss == pytest.approx(loss, abs=1e-5)
     assert checkpointed_grads.keys() == grads.keys()
-    for prefix in ("fusion.layers.0.", "backbone.bottom_up.layers.0."):  # inside each checkpointed part
+    inside_each_part = ("fusion.layers.0.", "backbone.bottom_up.layers.0.", "language_backbone.model.encoder.layer.0.")
+    for prefix in inside_each_part:
         name = next(n for n in grads if n.startswith(prefix))
         torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-5, atol=1e-8)
 

@@ -218,3 +218,27 @@ def test_tiny_b_style_model_trains_on_the_quickstart_data_and_evaluates(tmp_path
         assert changed, prefix
     bbox = trainer._last_eval_results["bbox"]  # Detectron2 unwraps the results of a single test set
     assert "AP" in bbox and 0.0 <= bbox["AP"] <= 100.0
+
+
+def test_checkpointed_clip_text_encoder_gives_the_same_output_and_gradients():
+    """MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT recomputes each block in backward: same numbers, and
+    the blocks' inputs are not kept (the recomputation shows as a second forward of every block)."""
+    torch.manual_seed(0)
+    config = ClipTextConfig(width=32, layers=2, heads=4, context_length=16, vocab_size=100)
+    plain, checkpointed = ClipTextEncoder(config), ClipTextEncoder(config, use_checkpoint=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    calls = []
+    checkpointed.model.resblocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    results = []
+    for encoder in (plain, checkpointed):
+        encoder.train()
+        hidden = encoder(ids, mask)["hidden"]
+        hidden.square().sum().backward()
+        results.append((hidden.detach(), {n: p.grad for n, p in encoder.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert len(calls) == 2

@@ -17,11 +17,12 @@ The data time runs the real training loader (cfg's mapper, augmentations and DAT
 over the same files.
 
 Gradient checkpointing settings (``CHECKPOINTING``) set MODEL.DYHEAD.USE_CHECKPOINT (every fusion
-layer) and MODEL.SWIN.USE_CHECKPOINT (every Swin block); the text encoder has no config key for it.
+layer), MODEL.SWIN.USE_CHECKPOINT (every Swin block) and MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT
+(every text-encoder layer), one at a time or all three.
 
 Example (GPU, GLIP-T, the issue's target: batch 4 bf16 >= 15 images/s at <= 35 GB):
   python tools/benchmark.py --train --config-file configs/glipv2_T.yaml --batch-size 4 \\
-      --precision fp32,bf16,fp16 --checkpointing none,fusion,backbone,all --iters 10 --warmup 3 \\
+      --precision fp32,bf16,fp16 --checkpointing none,fusion,backbone,text,all --iters 10 --warmup 3 \\
       --json-lines out/train_T_b4.jsonl
 """
 
@@ -62,12 +63,25 @@ from ..utils.seeding import derived_seed
 from .timing import synchronize
 
 COCO_NAMES = [c["name"] for c in COCO_CATEGORIES if c["isthing"] == 1]
-# Config keys of each gradient-checkpointing setting: fusion tower, Swin backbone, both.
+# Config keys of each gradient-checkpointing setting: one part (fusion tower, Swin backbone, text
+# encoder) or all three.
+_CHECKPOINTED_PARTS = {
+    "fusion": "MODEL.DYHEAD.USE_CHECKPOINT",
+    "backbone": "MODEL.SWIN.USE_CHECKPOINT",
+    "text": "MODEL.LANGUAGE_BACKBONE.USE_CHECKPOINT",
+}
+
+
+def _checkpointed(*parts: str) -> dict[str, bool]:
+    return {key: part in parts for part, key in _CHECKPOINTED_PARTS.items()}
+
+
 CHECKPOINTING: dict[str, dict[str, bool]] = {
-    "none": {"MODEL.DYHEAD.USE_CHECKPOINT": False, "MODEL.SWIN.USE_CHECKPOINT": False},
-    "fusion": {"MODEL.DYHEAD.USE_CHECKPOINT": True, "MODEL.SWIN.USE_CHECKPOINT": False},
-    "backbone": {"MODEL.DYHEAD.USE_CHECKPOINT": False, "MODEL.SWIN.USE_CHECKPOINT": True},
-    "all": {"MODEL.DYHEAD.USE_CHECKPOINT": True, "MODEL.SWIN.USE_CHECKPOINT": True},
+    "none": _checkpointed(),
+    "fusion": _checkpointed("fusion"),
+    "backbone": _checkpointed("backbone"),
+    "text": _checkpointed("text"),
+    "all": _checkpointed(*_CHECKPOINTED_PARTS),
 }
 DATASET_NAME = "glipv2_benchmark_synthetic_coco"
 BOXES_PER_IMAGE = 6  # a few objects per image (COCO train averages about 7)

@@ -70,7 +70,8 @@ class BertTextEncoder(nn.Module):
             raise ValueError(f"num_last_layers={num_last_layers} must be in [1, {depth}] (the BERT depth)")
         self.num_last_layers = num_last_layers
         if use_checkpoint:
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant, as the fusion tower's: it needs no input that requires grad.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @classmethod
     def from_pretrained(

@@ -42,7 +42,9 @@ def build_bert_language_backbone(cfg: CfgNode) -> BertTextEncoder:
     path = resolve_text_model_path(lang.MODEL_PATH)
     overrides = {"num_hidden_layers": lang.NUM_HIDDEN_LAYERS} if lang.NUM_HIDDEN_LAYERS > 0 else {}
     if lang.LOAD_PRETRAINED:
-        return BertTextEncoder.from_pretrained(path, lang.NUM_LAST_LAYERS, config_overrides=overrides)
+        return BertTextEncoder.from_pretrained(
+            path, lang.NUM_LAST_LAYERS, use_checkpoint=lang.USE_CHECKPOINT, config_overrides=overrides
+        )
     if Path(path).is_dir():
         config = BertConfig.from_pretrained(path, **overrides)
     elif path == "bert-base-uncased":
@@ -52,7 +54,7 @@ def build_bert_language_backbone(cfg: CfgNode) -> BertTextEncoder:
             f"MODEL.LANGUAGE_BACKBONE.MODEL_PATH={lang.MODEL_PATH!r} is neither a local folder nor "
             "'bert-base-uncased' / 'minilm'"
         )
-    return BertTextEncoder(config, lang.NUM_LAST_LAYERS)
+    return BertTextEncoder(config, lang.NUM_LAST_LAYERS, use_checkpoint=lang.USE_CHECKPOINT)
 
 
 @LANGUAGE_BACKBONE_REGISTRY.register()
@@ -70,7 +72,7 @@ def build_clip_language_backbone(cfg: CfgNode) -> ClipTextEncoder:
         width=clip.WIDTH, layers=lang.NUM_HIDDEN_LAYERS or clip.LAYERS, heads=clip.HEADS,
         context_length=clip.CONTEXT_LENGTH, vocab_size=clip.VOCAB_SIZE,
     )
-    encoder = ClipTextEncoder(config)
+    encoder = ClipTextEncoder(config, use_checkpoint=lang.USE_CHECKPOINT)
     if lang.LOAD_PRETRAINED:
         load_clip_text_weights(encoder.model, lang.MODEL_PATH)
     return encoder

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "LAYER_NORM_EPS",
@@ -104,9 +105,10 @@ class ClipTextTransformer(nn.Module):
     ones (``token_embedding.weight``, ``positional_embedding``, ``resblocks.N.*``, ``ln_final.*``);
     the embeddings start as officially, truncated normal std 0.02."""
 
-    def __init__(self, config: ClipTextConfig | None = None):
+    def __init__(self, config: ClipTextConfig | None = None, use_checkpoint: bool = False):
         super().__init__()
         self.config = config or ClipTextConfig()
+        self.use_checkpoint = use_checkpoint
         width = self.config.width
         self.token_embedding = nn.Embedding(self.config.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(self.config.context_length, width))
@@ -125,8 +127,12 @@ class ClipTextTransformer(nn.Module):
             )
         x = self.token_embedding(input_ids) + self.positional_embedding[:length]
         mask = padding_attention_mask(attention_mask, self.config.heads, x.dtype)
+        checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
         for block in self.resblocks:
-            x = block(x, attn_mask=mask)
+            if checkpointed:
+                x = checkpoint(block, x, attn_mask=mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=mask)
         return self.ln_final(x)
 
 
@@ -134,9 +140,10 @@ class ClipTextEncoder(nn.Module):
     """The CLIP-type EncL returning GLIP's language feature dict; the transformer lives in
     ``self.model`` as BERT's does in ``BertTextEncoder``, so its weights are ``language_backbone.model.*``."""
 
-    def __init__(self, config: ClipTextConfig | None = None):
+    def __init__(self, config: ClipTextConfig | None = None, use_checkpoint: bool = False):
+        """``use_checkpoint``: recompute each block's activations in the backward pass (training)."""
         super().__init__()
-        self.model = ClipTextTransformer(config)
+        self.model = ClipTextTransformer(config, use_checkpoint)
 
     @property
     def hidden_size(self) -> int:
