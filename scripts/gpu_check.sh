@@ -58,8 +58,8 @@ step infer_b8 $BENCH --batch-size 8 --precision bf16,fp32 --iters 10 --warmup 3 
 # LVIS-style vocabulary: 1,203 names in chunks of 40, backbone once, chunks batched.
 step infer_lvis $BENCH --vocabulary lvis --chunk-size 40 --batch-size 1 --precision bf16,fp32 --iters 5 \
   --warmup 2 --json-lines "$OUT/infer_lvis.jsonl" $FULL
-# Training: batch 4 with the real loss, bf16 and fp32, with and without fusion checkpointing.
-step train_b4 $BENCH --train --batch-size 4 --precision bf16,fp32 --checkpointing none,fusion --iters 10 \
+# Training: batch 4 with the real loss, bf16 and fp32; no checkpointing, the fusion tower's, all three parts'.
+step train_b4 $BENCH --train --batch-size 4 --precision bf16,fp32 --checkpointing none,fusion,all --iters 10 \
   --warmup 3 --json-lines "$OUT/train_b4.jsonl" $TOKENIZER
 step train_b4_dyconv $BENCH --train --batch-size 4 --precision bf16 --checkpointing none --iters 10 --warmup 3 \
   --json-lines "$OUT/train_b4_dyconv.jsonl" $TOKENIZER MODEL.DYHEAD.DYCONV_PRECISION autocast
@@ -69,7 +69,7 @@ step infer_b1_compiled $BENCH --batch-size 1 --precision bf16 --iters 20 --warmu
   --json-lines "$OUT/infer_b1_compiled.jsonl" $FULL TEST.COMPILE_FUSION reduce-overhead \
   MODEL.DYHEAD.DYCONV_PRECISION autocast
 
-echo "== summary (images/s; peak MiB)"
+echo "== summary (images/s; peak MiB; training: MiB of activations kept for backward)"
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
@@ -78,5 +78,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
         if row.get("table") in ("speed", "training"):
             what = row.get("model", "glipv2") + (f" ckpt={row['checkpointing']}" if "checkpointing" in row else "")
             print(f"{path.stem:16s} {what:28s} {row.get('precision', ''):5s} b{row.get('batch_size')} "
-                  f"{row.get('images_per_s', 0):7.2f} img/s  {row.get('peak_mem_mib', 0):8.0f} MiB")
+                  f"{row.get('images_per_s', 0):7.2f} img/s  {row.get('peak_mem_mib', 0):8.0f} MiB"
+                  + (f"  kept {row['saved_activations_mib']:7.0f} MiB" if "saved_activations_mib" in row else ""))
 PY

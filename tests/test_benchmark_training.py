@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["MODEL.LANGUAGE_BACKBONE.LOAD_PRETRAINED", "False", "MODEL.LANGUAGE_BACKBONE.NUM_HIDDEN_LAYERS", "2",
         "DATALOADER.NUM_WORKERS", "1"]
 ROW_KEYS = {"device_name", "torch", "batch_size", "height", "width", "warmup", "iters", "precision", "checkpointing",
-            "images_per_s", "ms_per_step_median", "ms_per_step_mean", "peak_mem_mib", "loss_first", "loss_last",
-            "data_ms_per_batch", "data_bound"}
+            "images_per_s", "ms_per_step_median", "ms_per_step_mean", "peak_mem_mib", "saved_activations_mib",
+            "loss_first", "loss_last", "data_ms_per_batch", "data_bound"}
 
 
 def train_argv(*extra: str) -> list[str]:
@@ -56,8 +56,10 @@ def test_train_rows_are_finite_and_checkpointing_keeps_the_first_loss(tmp_path, 
         assert math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
         assert row["images_per_s"] > 0 and row["ms_per_step_median"] > 0 and row["data_ms_per_batch"] > 0
     first = {(r["checkpointing"], r["precision"]): r["loss_first"] for r in rows}
+    kept = {(r["checkpointing"], r["precision"]): r["saved_activations_mib"] for r in rows}
     for precision in ("fp32", "bf16"):
         assert first["fusion", precision] == pytest.approx(first["none", precision], abs=1e-5)
+        assert 0 < kept["fusion", precision] < 0.8 * kept["none", precision]
     data = report["data_loader"]
     assert data["num_workers"] == 1 and data["data_ms_per_batch"] > 0 and data["data_first_batch_ms"] > 0
     tables = [json.loads(line)["table"] for line in lines.read_text().splitlines()]

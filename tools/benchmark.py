@@ -29,14 +29,16 @@ Where the time goes inside fusion layer 0, the prediction head and the post-proc
   python tools/benchmark.py --config-file configs/quickstart/demo.yaml --device cpu --precision fp32 \
       --iters 2 --warmup 1 --height 256 --width 320 --profile-ops MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256
 Training throughput (--train: forward with the real loss, backward and optimizer step per precision and
---checkpointing setting, peak memory, first/last loss, and the training data loader's time per batch
+--checkpointing setting, peak memory, the activations the forward keeps for backward (exact, any device),
+first/last loss, and the training data loader's time per batch
 next to the step's; see glipv2_d2/benchmarking/training.py), e.g. the quick-start training recipe on CPU:
   python tools/benchmark.py --train --config-file configs/quickstart/train.yaml --device cpu --batch-size 4 \
       --height 192 --width 256 --iters 3 --warmup 0 --precision fp32,bf16 --checkpointing none,fusion \
       MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256
-A long vocabulary as LVIS evaluation reads it (--vocabulary lvis: the 1,203 LVIS v1 names, 1,198
-distinct after cleaning, in prompts of --chunk-size names; the backbone runs once per image and the
-chunks go through the fusion tower in groups within TEST.FUSION_BATCH_MEMORY_MB):
+A long vocabulary as LVIS evaluation reads it (--vocabulary lvis: the 1,203 LVIS v1 names in id order,
+repeated names kept as the official evaluation keeps them, in prompts of --chunk-size names; the backbone
+runs once per image and the chunks go through the fusion tower in groups within
+TEST.FUSION_BATCH_MEMORY_MB):
   python tools/benchmark.py --config-file configs/glipv2_T.yaml --device cuda --vocabulary lvis --chunk-size 40 \
       --precision fp32,bf16 --json-lines out/bench_T_lvis.jsonl MODEL.DYHEAD.PRIOR_PROB 0.5
 """

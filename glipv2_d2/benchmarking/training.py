@@ -60,6 +60,7 @@ from ..data.prompt_builder import PromptBuilder
 from ..engine.ema import ModelEMA
 from ..engine.trainer import GLIPv2Trainer
 from ..utils.seeding import derived_seed
+from .saved_activations import SavedActivations
 from .timing import synchronize
 
 COCO_NAMES = [c["name"] for c in COCO_CATEGORIES if c["isthing"] == 1]
@@ -198,10 +199,11 @@ def seed_step(seed: int, step: int) -> None:
 
 
 def train_step(state: TrainingState, batch: list[dict], device: str, dtype: torch.dtype | None,
-               scaler: torch.amp.GradScaler) -> float:
+               scaler: torch.amp.GradScaler, around_forward: AbstractContextManager | None = None) -> float:
     """One iteration as AMPTrainer.run_step (SimpleTrainer.run_step in fp32) and the trainer's
-    LR-scheduler and EMA hooks do it; returns the total loss, which the trainer reads every step."""
-    with torch.autocast(device, dtype=dtype) if dtype else nullcontext():
+    LR-scheduler and EMA hooks do it; returns the total loss, which the trainer reads every step.
+    ``around_forward`` wraps the forward and loss alone (a meter of what they save for backward)."""
+    with around_forward or nullcontext(), torch.autocast(device, dtype=dtype) if dtype else nullcontext():
         losses = sum(state.model(batch).values())
     state.optimizer.zero_grad()
     scaler.scale(losses).backward()
@@ -263,15 +265,19 @@ def memory_meter(device: str) -> AbstractContextManager[dict]:
 def time_training(state: TrainingState, batch: list[dict], device: str, dtype: torch.dtype | None, iters: int,
                   warmup: int, seed: int) -> dict:
     """``warmup`` untimed then ``iters`` timed steps on ``batch``: images/s, ms per step, the peak
-    memory over all steps (the first creates the optimizer state) and the first and last losses."""
+    memory over all steps (the first creates the optimizer state), the activations the first step's
+    forward kept for backward (the meter slows that step, so keep a warm-up) and the first and last
+    losses."""
     scaler = grad_scaler(device, dtype)
     times, losses = [], []
+    activations = SavedActivations(state.model)
     with memory_meter(device) as memory:
         for step in range(warmup + iters):
             seed_step(seed, step)
             synchronize(device)
             start = time.perf_counter()
-            losses.append(train_step(state, batch, device, dtype, scaler))
+            meter = activations if step == 0 else None
+            losses.append(train_step(state, batch, device, dtype, scaler, meter))
             synchronize(device)
             if step >= warmup:
                 times.append(time.perf_counter() - start)
@@ -280,6 +286,7 @@ def time_training(state: TrainingState, batch: list[dict], device: str, dtype: t
         "ms_per_step_median": 1000 * statistics.median(times),
         "ms_per_step_mean": 1000 * statistics.fmean(times),
         "peak_mem_mib": memory["growth_mib"],
+        "saved_activations_mib": activations.mib,
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
@@ -346,12 +353,13 @@ def run(cfg: CfgNode, precisions: dict[str, torch.dtype | None], checkpointing: 
 
 def markdown_table(rows: list[dict], memory_label: str) -> str:
     header = ["device", "precision", "checkpointing", "batch", "input (HxW)", "images/s", "ms/step median",
-              "data ms/batch", "data-bound", memory_label, "loss first", "loss last"]
+              "data ms/batch", "data-bound", memory_label, "activations kept for backward (MiB)", "loss first",
+              "loss last"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["device_name"], r["precision"], r["checkpointing"], str(r["batch_size"]),
                  f"{r['height']}x{r['width']}", f"{r['images_per_s']:.2f}", f"{r['ms_per_step_median']:.1f}",
                  f"{r['data_ms_per_batch']:.1f}", "yes" if r["data_bound"] else "no", f"{r['peak_mem_mib']:.0f}",
-                 f"{r['loss_first']:.4f}", f"{r['loss_last']:.4f}"]
+                 f"{r['saved_activations_mib']:.0f}", f"{r['loss_first']:.4f}", f"{r['loss_last']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

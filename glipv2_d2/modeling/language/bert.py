@@ -70,8 +70,7 @@ class BertTextEncoder(nn.Module):
             raise ValueError(f"num_last_layers={num_last_layers} must be in [1, {depth}] (the BERT depth)")
         self.num_last_layers = num_last_layers
         if use_checkpoint:
-            # Non-reentrant, as the fusion tower's: it needs no input that requires grad.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._enable_checkpointing()
 
     @classmethod
     def from_pretrained(
@@ -88,6 +87,16 @@ class BertTextEncoder(nn.Module):
         config = BertConfig.from_pretrained(str(folder), **dict(config_overrides or {}))
         model = _BertModelWithoutPooler.from_pretrained(str(folder), config=config, add_pooling_layer=False)
         return cls(num_last_layers=num_last_layers, use_checkpoint=use_checkpoint, model=model)
+
+    def _enable_checkpointing(self) -> None:
+        """Non-reentrant, as the fusion tower's (it needs no input that requires grad), through
+        transformers' own switch: ``activation_checkpointing_enable`` from 5.x on, which deprecates the
+        older ``gradient_checkpointing_enable`` that 4.x has alone."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @property
     def hidden_size(self) -> int:
