@@ -62,3 +62,37 @@ def test_fpn_equals_detectron2_upsampling_on_padded_input():
         theirs = FPN.forward(backbone, images)
     for name in ours:
         assert_close(ours[name], theirs[name], rtol=0, atol=0)
+
+
+def test_checkpointed_swin_trains_its_first_stage_behind_a_frozen_patch_embedding():
+    """MODEL.SWIN.USE_CHECKPOINT with FROZEN_STAGES 0: the first stage's input needs no grad, which
+    gave its blocks no gradients under Detectron2's reentrant checkpointing; outputs and gradients
+    now equal the unchecked ones everywhere, with the same parameter names."""
+
+    def frozen_patch_backbone(checkpointed: bool):
+        cfg = small_swin_cfg({
+            "MODEL.SWINT.EMBED_DIM": 16, "MODEL.SWINT.DEPTHS": [2, 2, 1, 1],
+            "MODEL.SWINT.NUM_HEADS": [1, 1, 2, 2], "MODEL.SWINT.WINDOW_SIZE": 7,
+            "MODEL.BACKBONE.OUT_CHANNELS": 16,
+        })
+        cfg.MODEL.SWIN.FROZEN_STAGES = 0
+        cfg.MODEL.SWIN.USE_CHECKPOINT = checkpointed
+        return build_swin_fpn_p6p7_backbone(cfg, ShapeSpec(channels=3)).train()
+
+    plain, checkpointed = frozen_patch_backbone(False), frozen_patch_backbone(True)
+    checkpointed.load_state_dict(plain.state_dict())
+    images = torch.randn(1, 3, 96, 128)
+    outputs, grads = [], []
+    for backbone in (plain, checkpointed):
+        torch.manual_seed(1)  # the same drop-path draws
+        features = backbone(images)
+        sum(level.square().mean() for level in features.values()).backward()
+        outputs.append(features)
+        grads.append({name: p.grad for name, p in backbone.named_parameters() if p.requires_grad})
+    assert any(name.startswith("bottom_up.layers.0.blocks.0.") for name in grads[0])
+    assert grads[1].keys() == grads[0].keys()
+    for name, grad in grads[0].items():
+        assert grads[1][name] is not None, name
+        assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    for name in outputs[0]:
+        assert_close(outputs[1][name], outputs[0][name], rtol=0, atol=0)

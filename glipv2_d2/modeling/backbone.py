@@ -7,13 +7,15 @@ and differs on sizes that are not multiples of the window).
 
 import math
 
+import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
-from detectron2.modeling.backbone.swin import SwinTransformer
+from detectron2.modeling.backbone.swin import SwinTransformer, SwinTransformerBlock
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 class ExactSizeFPN(FPN):
@@ -42,11 +44,33 @@ class ExactSizeFPN(FPN):
         return dict(zip(self._out_features, results))
 
 
+class CheckpointedSwinBlock(SwinTransformerBlock):
+    """Detectron2's Swin block under non-reentrant gradient checkpointing (MODEL.SWIN.USE_CHECKPOINT).
+
+    Detectron2's own switch checkpoints the reentrant way, which gives a block no gradients when its
+    input does not require grad: with MODEL.SWIN.FROZEN_STAGES 0 (patch embedding frozen) the whole
+    first stage silently stopped learning. The block's size, which its stage sets on it before each
+    call, is taken at the call, so the recomputation in backward uses the same one.
+    """
+
+    def forward(self, x: Tensor, mask_matrix: Tensor) -> Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x, mask_matrix)
+        height, width = self.H, self.W
+
+        def block(x: Tensor, mask_matrix: Tensor) -> Tensor:
+            self.H, self.W = height, width
+            return SwinTransformerBlock.forward(self, x, mask_matrix)
+
+        return checkpoint(block, x, mask_matrix, use_reentrant=False)
+
+
 def build_swin(cfg: CfgNode, input_shape: ShapeSpec) -> SwinTransformer:
-    """Detectron2's Swin configured from cfg.MODEL.SWIN."""
+    """Detectron2's Swin configured from cfg.MODEL.SWIN; with USE_CHECKPOINT its blocks become
+    ``CheckpointedSwinBlock`` (same parameters and names, only the forward differs)."""
     swin = cfg.MODEL.SWIN
     out_indices = tuple(int(name[1:]) for name in swin.OUT_FEATURES)
-    return SwinTransformer(
+    model = SwinTransformer(
         patch_size=swin.PATCH_SIZE,
         in_chans=input_shape.channels,
         embed_dim=swin.EMBED_DIM,
@@ -58,8 +82,12 @@ def build_swin(cfg: CfgNode, input_shape: ShapeSpec) -> SwinTransformer:
         ape=swin.APE,
         out_indices=out_indices,
         frozen_stages=swin.FROZEN_STAGES,
-        use_checkpoint=swin.USE_CHECKPOINT,
     )
+    if swin.USE_CHECKPOINT:
+        for stage in model.layers:
+            for block in stage.blocks:
+                block.__class__ = CheckpointedSwinBlock
+    return model
 
 
 @BACKBONE_REGISTRY.register()
