@@ -19,6 +19,7 @@ from glipv2_d2.config import check_device_available, setup_cfg
 from glipv2_d2.data.datasets import unregister_dataset
 from glipv2_d2.engine import launcher
 from glipv2_d2.engine.predictor import GLIPv2Predictor
+from glipv2_d2.engine.trainer import GLIPv2Trainer
 from glipv2_d2.evaluation.prompted_inference import PromptedDetector, merge_chunk_detections
 
 from .tiny_model import REPO, tiny_cfg
@@ -229,3 +230,10 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert isinstance(namespace["instances"], Instances) and len(namespace["results"]) == 2
     assert set(namespace["instances"].pred_phrases) <= {"red circle", "blue square"}
+
+
+def test_amp_training_on_the_cpu_is_refused_naming_the_keys():
+    cfg = tiny_cfg()
+    cfg.SOLVER.AMP.ENABLED = True
+    with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED .* MODEL.DEVICE is 'cpu'"):
+        GLIPv2Trainer.build_step_trainer(cfg, nn.Linear(2, 2), [], None)

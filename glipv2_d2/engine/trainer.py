@@ -158,9 +158,16 @@ class GLIPv2Trainer(DefaultTrainer):
         cls, cfg: CfgNode, model: nn.Module, data_loader: DataLoader, optimizer: torch.optim.Optimizer
     ) -> SimpleTrainer:
         """SimpleTrainer, or AMPTrainer autocasting to SOLVER.AMP.PRECISION; bfloat16 has float32's
-        range, so it runs without loss scaling."""
+        range, so it runs without loss scaling. AMPTrainer runs on CUDA only, so AMP on another device
+        is refused here, naming the keys, rather than by its assertion at the first step."""
         if not cfg.SOLVER.AMP.ENABLED:
             return SimpleTrainer(model, data_loader, optimizer)
+        if torch.device(cfg.MODEL.DEVICE).type != "cuda":
+            raise ValueError(
+                f"SOLVER.AMP.ENABLED trains with Detectron2's AMPTrainer, which needs CUDA, but MODEL.DEVICE is "
+                f"{cfg.MODEL.DEVICE!r}; set SOLVER.AMP.ENABLED False (tools/benchmark.py --train times bf16 "
+                "steps on the CPU)"
+            )
         precision = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.SOLVER.AMP.PRECISION]
         grad_scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
         return AMPTrainer(model, data_loader, optimizer, grad_scaler=grad_scaler, precision=precision)
