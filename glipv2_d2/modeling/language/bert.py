@@ -90,8 +90,8 @@ class BertTextEncoder(nn.Module):
 
     def _enable_checkpointing(self) -> None:
         """Non-reentrant, as the fusion tower's (it needs no input that requires grad), through
-        transformers' own switch: ``activation_checkpointing_enable`` from 5.x on, which deprecates the
-        older ``gradient_checkpointing_enable`` that 4.x has alone."""
+        transformers' own switch: ``activation_checkpointing_enable`` where the installed release has
+        it (5.24 does, and deprecates the older ``gradient_checkpointing_enable``), else the older name."""
         kwargs = {"use_reentrant": False}
         if hasattr(self.model, "activation_checkpointing_enable"):
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
