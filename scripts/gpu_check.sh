@@ -6,7 +6,7 @@
 # results under $OUT (JSON lines + text logs) and prints a short summary last. A failing step is
 # reported and the next one still runs. Device call: run(command="bash scripts/gpu_check.sh",
 # carry=[".d2whl"], timeout_s=600); OUT is the device's $OUT there.
-# Smoke run on a CPU machine before booking a GPU (small model and images, same steps; about 7
+# Smoke run on a CPU machine before booking a GPU (small model and images, same steps; 7-12
 # minutes on 2 cores; pycocotools' 3.12 wheel is refused on another Python, the .venv has it):
 #   PATH=$PWD/.venv/bin:$PATH DEVICE=cpu CONFIG=configs/quickstart/demo.yaml SIZE="--height 256 --width 320" \
 #     EXTRA_OPTS="MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN 256" OUT=/tmp/gpu_check_smoke bash scripts/gpu_check.sh
