@@ -118,6 +118,7 @@ def test_evaluation_sees_the_ema_weights_and_training_keeps_its_own(synthetic_ro
 )
 def test_amp_trainer_is_built_in_the_configured_precision(precision, dtype, scaled):
     cfg = tiny_cfg()
+    cfg.MODEL.DEVICE = "cuda"  # AMP trains on CUDA only; building the step trainer needs no GPU
     cfg.SOLVER.AMP.ENABLED = True
     cfg.SOLVER.AMP.PRECISION = precision
     model = nn.Linear(2, 2)
